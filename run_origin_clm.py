@@ -1,0 +1,405 @@
+#!/usr/bin/env python
+"""Train a causal language model with the Hugging Face Trainer: the baseline, without context parallelism.
+
+It takes the arguments of transformers' examples/pytorch/language-modeling/run_clm.py (v4.51.3) and behaves
+like it: tokenize a text dataset, cut it into blocks of `block_size` tokens, train, evaluate (loss,
+perplexity, token accuracy) and save. With no model and no dataset given it trains the embedded default
+(embedded_default.py): a small Llama on Shakespeare, fully offline.
+
+    torchrun --nproc_per_node 1 run_origin_clm.py --output_dir out --do_train --do_eval
+"""
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
+from typing import Optional
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from datasets import load_dataset
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from embedded_default import prepare_default_corpus, small_llama_config
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = tuple(conf.model_type for conf in MODEL_FOR_CAUSAL_LM_MAPPING.keys())
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to train, from the Hub, a folder, or from scratch."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Checkpoint to start from. Leave unset to train a model from scratch."},
+    )
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model type to build from scratch, one of: " + ", ".join(MODEL_TYPES)},
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Override config values when training from scratch, e.g. "
+            "n_embd=10,resid_pdrop=0.2,scale_attn_weights=false,summary_type=cls_index"
+        },
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Config name or path, if not the same as model_name_or_path"}
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the same as model_name_or_path"}
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where to store models and data downloaded from the Hub"}
+    )
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer"}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Model version to use: a branch name, tag name or commit id"}
+    )
+    token: Optional[str] = field(
+        default=None, metadata={"help": "Hub token for private models (default: the one from `huggingface-cli login`)"}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models defined on the Hub in their own modeling files (runs code from the Hub)"},
+    )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "dtype to load the model in; 'auto' takes the checkpoint's own dtype",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={"help": "Create the model as an empty shell and materialise it while loading the weights"},
+    )
+
+    def __post_init__(self):
+        if self.config_overrides is not None and (self.config_name is not None or self.model_name_or_path is not None):
+            raise ValueError("--config_overrides can't be used with --config_name or --model_name_or_path")
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which text to train and evaluate on, and how to cut it into blocks."""
+
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Dataset name on the Hub"})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name"})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training text (.txt, .csv or .json)"})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation text (.txt, .csv or .json)"})
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many training blocks (for debugging or quick runs)"}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep only this many evaluation blocks (for debugging or quick runs)"}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it"})
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Tokens per training sample. Default: the model's maximum length, at most 1024."},
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo the cached preprocessing"})
+    validation_split_percentage: Optional[int] = field(
+        default=5, metadata={"help": "Percent of the training set used for evaluation when there is no validation split"}
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes used for preprocessing"}
+    )
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files"})
+
+    def __post_init__(self):
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path is not None and path.split(".")[-1] not in ("csv", "json", "txt"):
+                raise ValueError(f"--{name} must be a .csv, .json or .txt file, got {path}")
+
+
+def load_raw_datasets(data_args, model_args):
+    """A DatasetDict with 'train' and 'validation', from the Hub or from local files."""
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, token=model_args.token, streaming=data_args.streaming,
+                      trust_remote_code=model_args.trust_remote_code)
+    if data_args.dataset_name is not None:
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs)
+        source = (data_args.dataset_name, data_args.dataset_config_name)
+        loader_kwargs = {}
+    else:
+        data_files = {"train": data_args.train_file}
+        if data_args.validation_file is not None:
+            data_files["validation"] = data_args.validation_file
+        for path in data_files.values():
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
+        extension = data_args.train_file.split(".")[-1]
+        loader = "text" if extension == "txt" else extension
+        loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if loader == "text" else {}
+        raw = load_dataset(loader, data_files=data_files, **loader_kwargs, **hub_kwargs)
+        source = (loader,)
+        loader_kwargs["data_files"] = data_files
+    if "validation" not in raw:
+        pct = data_args.validation_split_percentage
+        raw["validation"] = load_dataset(*source, split=f"train[:{pct}%]", **loader_kwargs, **hub_kwargs)
+        raw["train"] = load_dataset(*source, split=f"train[{pct}%:]", **loader_kwargs, **hub_kwargs)
+    return raw
+
+
+def group_texts(examples, block_size):
+    """Concatenate a batch of tokenized texts and cut it into blocks; the remainder that does not fill a block is dropped."""
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = (len(concatenated["input_ids"]) // block_size) * block_size
+    result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+    result["labels"] = result["input_ids"].copy()
+    return result
+
+
+def main():
+    # Arguments: from the command line, or from one .json file given as the only argument.
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bits training: {training_args.fp16 or training_args.bf16}"
+    )
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    # Resume from the last checkpoint in output_dir, unless told to overwrite it.
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.overwrite_output_dir:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
+            raise ValueError(
+                f"Output directory ({training_args.output_dir}) already exists and is not empty. "
+                "Use --overwrite_output_dir to overcome."
+            )
+        elif last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(
+                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
+                "the `--output_dir` or add `--overwrite_output_dir` to train from scratch."
+            )
+
+    set_seed(training_args.seed)
+
+    # The embedded default: Shakespeare and a tokenizer trained on it, when no dataset is given.
+    if data_args.dataset_name is None and data_args.train_file is None:
+        with training_args.main_process_first(desc="preparing the embedded default corpus"):
+            data_args.train_file, data_args.validation_file, default_tokenizer = prepare_default_corpus()
+        if model_args.model_name_or_path is None and model_args.tokenizer_name is None:
+            model_args.tokenizer_name = default_tokenizer
+    raw_datasets = load_raw_datasets(data_args, model_args)
+
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
+        )
+    elif model_args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
+        )
+    else:
+        raise ValueError("Training a new tokenizer is not done here: give --tokenizer_name or --model_name_or_path.")
+
+    if model_args.config_name:
+        config = AutoConfig.from_pretrained(model_args.config_name, **hub_kwargs)
+    elif model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    elif model_args.model_type:
+        config = CONFIG_MAPPING[model_args.model_type]()
+        logger.warning("You are instantiating a new config instance from scratch.")
+    else:
+        config = small_llama_config(tokenizer)
+        logger.info("No model given: training the embedded default, a small Llama built from a config.")
+    if model_args.config_overrides is not None:
+        logger.info(f"Overriding config: {model_args.config_overrides}")
+        config.update_from_string(model_args.config_overrides)
+        logger.info(f"New config: {config}")
+
+    if model_args.model_name_or_path:
+        torch_dtype = (
+            model_args.torch_dtype
+            if model_args.torch_dtype in ["auto", None]
+            else getattr(torch, model_args.torch_dtype)
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            from_tf=bool(".ckpt" in model_args.model_name_or_path),
+            config=config,
+            torch_dtype=torch_dtype,
+            low_cpu_mem_usage=model_args.low_cpu_mem_usage,
+            **hub_kwargs,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+        logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
+
+    # Grow the embeddings only when the tokenizer has more tokens: shrinking would break loaded weights.
+    embedding_size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embedding_size:
+        model.resize_token_embeddings(len(tokenizer))
+
+    # Tokenize every text column, then concatenate and cut into blocks of block_size tokens.
+    column_names = list(raw_datasets["train" if training_args.do_train else "validation"].features)
+    text_column_name = "text" if "text" in column_names else column_names[0]
+
+    def tokenize_function(examples):
+        return tokenizer(examples[text_column_name])
+
+    with training_args.main_process_first(desc="dataset map tokenization"):
+        map_kwargs = {} if data_args.streaming else {
+            "num_proc": data_args.preprocessing_num_workers,
+            "load_from_cache_file": not data_args.overwrite_cache,
+            "desc": "Running tokenizer on dataset",
+        }
+        tokenized_datasets = raw_datasets.map(
+            tokenize_function, batched=True, remove_columns=column_names, **map_kwargs
+        )
+
+    max_pos_embeddings = getattr(config, "max_position_embeddings", None)
+    if data_args.block_size is None:
+        block_size = min(tokenizer.model_max_length, 1024)
+        if max_pos_embeddings is not None:
+            block_size = min(block_size, max_pos_embeddings)
+        logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
+    else:
+        block_size = data_args.block_size
+    if block_size <= 0:
+        raise ValueError(f"--block_size must be positive, got {block_size}.")
+    if max_pos_embeddings is not None and block_size > max_pos_embeddings:
+        raise ValueError(
+            f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
+            "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
+        )
+
+    # Batches of 1000 texts are grouped together: each batch drops its own remainder.
+    with training_args.main_process_first(desc="grouping texts together"):
+        map_kwargs = {} if data_args.streaming else {
+            "num_proc": data_args.preprocessing_num_workers,
+            "load_from_cache_file": not data_args.overwrite_cache,
+            "desc": f"Grouping texts in chunks of {block_size}",
+        }
+        lm_datasets = tokenized_datasets.map(partial(group_texts, block_size=block_size), batched=True, **map_kwargs)
+
+    def checked_split(split, max_samples):
+        dataset = lm_datasets[split]
+        if max_samples is not None:
+            dataset = dataset.take(max_samples) if data_args.streaming else dataset.select(
+                range(min(len(dataset), max_samples))
+            )
+        if not data_args.streaming and len(dataset) == 0:
+            raise ValueError(
+                f"The {split} text is shorter than one block of {block_size} tokens: "
+                "give more text or a smaller --block_size."
+            )
+        return dataset
+
+    if training_args.do_train:
+        train_dataset = checked_split("train", data_args.max_train_samples)
+    if training_args.do_eval:
+        eval_dataset = checked_split("validation", data_args.max_eval_samples)
+
+        def preprocess_logits_for_metrics(logits, labels):
+            if isinstance(logits, tuple):
+                logits = logits[0]  # some models return extra tensors (past key values)
+            return logits.argmax(dim=-1)
+
+        def compute_metrics(eval_preds):
+            # Token accuracy, computed here: evaluate.load("accuracy") would need the Hub.
+            preds, labels = eval_preds
+            labels, preds = labels[:, 1:].reshape(-1), preds[:, :-1].reshape(-1)
+            valid = labels != -100
+            return {"accuracy": float(np.mean(preds[valid] == labels[valid]))}
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+    )
+
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # also saves the tokenizer
+
+        metrics = train_result.metrics
+        max_train_samples = data_args.max_train_samples or len(train_dataset)
+        metrics["train_samples"] = min(max_train_samples, len(train_dataset))
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+
+    if training_args.do_eval:
+        logger.info("*** Evaluate ***")
+        metrics = trainer.evaluate()
+        max_eval_samples = data_args.max_eval_samples or len(eval_dataset)
+        metrics["eval_samples"] = min(max_eval_samples, len(eval_dataset))
+        try:
+            metrics["perplexity"] = math.exp(metrics["eval_loss"])
+        except OverflowError:
+            metrics["perplexity"] = float("inf")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    if data_args.dataset_name is not None:
+        kwargs["dataset_tags"] = data_args.dataset_name
+        kwargs["dataset"] = data_args.dataset_name if data_args.dataset_config_name is None else \
+            f"{data_args.dataset_name} {data_args.dataset_config_name}"
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+    else:
+        trainer.create_model_card(**kwargs)
+
+
+if __name__ == "__main__":
+    main()

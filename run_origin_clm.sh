@@ -1,0 +1,51 @@
+#!/bin/bash
+# The baseline: run_origin_clm.py with DDP on every local GPU, or CPU processes (gloo) when there is none.
+# Edit the arguments below. Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each node.
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+
+RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shakespeare; full: the seed's recipe
+OUTPUT_DIR=${OUTPUT_DIR:-output/origin}
+GLOBAL_BATCH=8                      # samples per optimizer step, over all processes
+NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
+
+if [ "$RECIPE" = full ]; then
+  # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs.
+  export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
+  PER_DEVICE_BATCH=1
+  RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
+    --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
+    --validation_split_percentage 1 --preprocessing_num_workers 32 --save_steps 500)
+else
+  PER_DEVICE_BATCH=8
+  RECIPE_ARGS=(--block_size 256 --max_steps ${MAX_STEPS:-300} --learning_rate 2e-3 --warmup_steps 20
+    --max_eval_samples 64 --save_steps 100)
+fi
+
+if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
+  DEVICE_ARGS=()
+else
+  NPROC=${NPROC:-1}
+  DEVICE_ARGS=(--use_cpu --ddp_backend gloo --dataloader_num_workers 0)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+fi
+DP_SIZE=$(( NNODES * NPROC ))
+GRAD_ACC=$(( GLOBAL_BATCH / (PER_DEVICE_BATCH * DP_SIZE) ))
+if [ $(( GRAD_ACC * PER_DEVICE_BATCH * DP_SIZE )) -ne $GLOBAL_BATCH ]; then
+  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x $DP_SIZE processes" >&2
+  exit 1
+fi
+
+torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  run_origin_clm.py \
+  --output_dir "$OUTPUT_DIR" --overwrite_output_dir \
+  --do_train --do_eval \
+  --per_device_train_batch_size $PER_DEVICE_BATCH --per_device_eval_batch_size $PER_DEVICE_BATCH \
+  --gradient_accumulation_steps $GRAD_ACC \
+  --lr_scheduler_type cosine --optim adamw_torch --weight_decay 0.1 --max_grad_norm 1.0 \
+  --logging_steps 1 --eval_strategy no --save_strategy steps --save_total_limit 2 \
+  --seed 42 --report_to none \
+  "${RECIPE_ARGS[@]}" "${DEVICE_ARGS[@]}" "$@"

@@ -1,0 +1,154 @@
+"""The plain trainer: arguments, block grouping, the embedded default data, and a real run through the launcher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+import embedded_default
+from run_origin_clm import DataTrainingArguments, ModelArguments, group_texts
+
+REPO = Path(__file__).resolve().parent.parent
+
+UPSTREAM_MODEL_ARGS = {
+    "model_name_or_path": "some/model", "model_type": "llama", "config_name": "cfg", "tokenizer_name": "tok",
+    "cache_dir": "/tmp/cache", "use_fast_tokenizer": False, "model_revision": "v1", "token": "hf_x",
+    "trust_remote_code": True, "torch_dtype": "bfloat16", "low_cpu_mem_usage": True,
+}
+UPSTREAM_DATA_ARGS = {
+    "dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1", "train_file": "a.txt",
+    "validation_file": "b.txt", "max_train_samples": 7, "max_eval_samples": 3, "streaming": True,
+    "block_size": 128, "overwrite_cache": True, "validation_split_percentage": 10,
+    "preprocessing_num_workers": 2, "keep_linebreaks": False,
+}
+
+
+def _as_cli(values):
+    argv = []
+    for name, value in values.items():
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def test_every_upstream_argument_is_parsed():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        _as_cli(UPSTREAM_MODEL_ARGS) + _as_cli(UPSTREAM_DATA_ARGS) + ["--output_dir", "/tmp/out", "--use_cpu"]
+    )
+    assert {k: getattr(model_args, k) for k in UPSTREAM_MODEL_ARGS} == UPSTREAM_MODEL_ARGS
+    assert {k: getattr(data_args, k) for k in UPSTREAM_DATA_ARGS} == UPSTREAM_DATA_ARGS
+    assert training_args.output_dir == "/tmp/out"
+
+
+def test_config_overrides_with_a_pretrained_model_is_refused():
+    with pytest.raises(ValueError, match="config_overrides"):
+        ModelArguments(model_name_or_path="m", config_overrides="n_embd=10")
+
+
+def test_data_file_extension_is_checked():
+    with pytest.raises(ValueError, match=r"\.csv, \.json or \.txt"):
+        DataTrainingArguments(train_file="corpus.parquet")
+
+
+def test_help_lists_every_upstream_argument():
+    out = subprocess.run([sys.executable, "run_origin_clm.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    for name in [*UPSTREAM_MODEL_ARGS, *UPSTREAM_DATA_ARGS, "config_overrides"]:
+        assert f"--{name}" in out
+
+
+@pytest.mark.parametrize(
+    "lengths, block_size, expected_blocks",
+    [([8], 4, 2), ([3, 5], 4, 2), ([3], 4, 0), ([4, 4, 1], 4, 2), ([1] * 9, 3, 3)],
+)
+def test_group_texts_cuts_blocks_and_drops_the_remainder(lengths, block_size, expected_blocks):
+    texts, start = [], 0
+    for n in lengths:
+        texts.append(list(range(start, start + n)))
+        start += n
+    examples = {"input_ids": texts, "attention_mask": [[1] * n for n in lengths]}
+    result = group_texts(examples, block_size)
+    assert len(result["input_ids"]) == expected_blocks
+    flat = list(range(start))
+    for i, block in enumerate(result["input_ids"]):
+        assert block == flat[i * block_size : (i + 1) * block_size]
+    assert result["labels"] == result["input_ids"]
+    assert all(len(m) == block_size for m in result["attention_mask"])
+
+
+@pytest.fixture(scope="module")
+def default_corpus(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    return data_dir, embedded_default.prepare_default_corpus(data_dir)
+
+
+def test_default_corpus_is_hash_checked_and_the_tokenizer_deterministic(default_corpus, tmp_path):
+    data_dir, (train_file, validation_file, tokenizer_dir) = default_corpus
+    assert embedded_default.sha256(train_file) == embedded_default.TRAIN_SHA256
+    assert embedded_default.sha256(validation_file) == embedded_default.VALIDATION_SHA256
+    assert "THE TEMPEST" in Path(validation_file).read_text()[:200]
+    assert "HAMLET" in Path(train_file).read_text()
+    # Training the tokenizer again gives the same file.
+    embedded_default._train_tokenizer(Path(train_file), tmp_path / "tok")
+    assert embedded_default.sha256(tmp_path / "tok" / "tokenizer.json") == \
+        embedded_default.sha256(Path(tokenizer_dir) / "tokenizer.json")
+
+
+def test_default_corpus_rerun_is_a_no_op_and_damage_is_repaired(default_corpus):
+    data_dir, paths = default_corpus
+    files = [Path(p) for p in paths[:2]] + [Path(paths[2]) / "tokenizer.json"]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert embedded_default.prepare_default_corpus(data_dir) == paths
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+    files[0].write_text("damaged")
+    embedded_default.prepare_default_corpus(data_dir)
+    assert embedded_default.sha256(files[0]) == embedded_default.TRAIN_SHA256
+
+
+def run_launcher(script, output_dir, *args, env=None, steps=30):
+    env = {**os.environ, "OUTPUT_DIR": str(output_dir), "MAX_STEPS": str(steps), **(env or {})}
+    result = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_launcher_trains_evaluates_and_resumes(tmp_path):
+    out = tmp_path / "origin"
+    run_launcher("run_origin_clm.sh", out, "--save_steps", "15", steps=30)
+
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("train_loss", "eval_loss", "perplexity", "eval_accuracy"):
+        assert key in results
+    assert 0.0 < results["eval_accuracy"] < 1.0
+    assert results["perplexity"] == pytest.approx(2.718281828 ** results["eval_loss"], rel=1e-6)
+    assert (out / "model.safetensors").exists() and (out / "checkpoint-30" / "trainer_state.json").exists()
+
+    # Resume from the step-15 checkpoint: the run continues at step 16 and ends on the same losses.
+    resumed = tmp_path / "resumed"
+    run_launcher("run_origin_clm.sh", resumed, "--resume_from_checkpoint", str(out / "checkpoint-15"), steps=30)
+    resumed_history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
+    resumed_losses = {h["step"]: h["loss"] for h in resumed_history if "loss" in h}
+    assert resumed_losses == {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_text_shorter_than_one_block_is_a_clear_error(tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Too short.\n")
+    result = subprocess.run(
+        [sys.executable, "run_origin_clm.py", "--train_file", str(tiny), "--validation_file", str(tiny),
+         "--tokenizer_name", embedded_default.prepare_default_corpus()[2], "--model_type", "llama",
+         "--config_overrides", "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
+         "num_key_value_heads=1,head_dim=16,vocab_size=4096",
+         "--block_size", "64", "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu", "--report_to", "none"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode != 0
+    assert "shorter than one block of 64 tokens" in result.stderr
