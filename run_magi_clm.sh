@@ -10,7 +10,12 @@ RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shake
 CP_SIZE=${CP_SIZE:-2}               # ranks that share one sequence
 OUTPUT_DIR=${OUTPUT_DIR:-output/magi_cp$CP_SIZE}
 GLOBAL_BATCH=8                      # samples per optimizer step, as in run_origin_clm.sh
-NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
+NNODES=${NNODES:-1}
+if [ "$NNODES" -eq 1 ]; then
+  RENDEZVOUS=(--standalone)           # a free local port, so that several runs can share a machine
+else
+  RENDEZVOUS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+fi
 
 if [ "$RECIPE" = full ]; then
   # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs.
@@ -45,8 +50,7 @@ if [ $(( GRAD_ACC * PER_DEVICE_BATCH * DP_SIZE )) -ne $GLOBAL_BATCH ]; then
   exit 1
 fi
 
-torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+torchrun "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
   run_magi_clm.py --cp_size "$CP_SIZE" \
   --output_dir "$OUTPUT_DIR" --overwrite_output_dir \
   --do_train --do_eval \
