@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from einops import rearrange
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -301,6 +300,25 @@ def _all_gather_cat(x: torch.Tensor, key: DistAttnRuntimeKey) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _GatherKV(torch.autograd.Function):
+    """All-gather along the token dim; backward reduce-scatters the gradient to its owner.
+    (torch.distributed.nn.functional.all_gather does the same, but its gloo backward
+    falls back to a scatter that breaks on groups without global rank 0.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = grad_out.new_empty((grad_out.shape[0] // dist.get_world_size(ctx.group), *grad_out.shape[1:]))
+        dist.reduce_scatter_tensor(grad, grad_out.contiguous(), group=ctx.group)
+        return grad, None
+
+
 class _Dispatch(torch.autograd.Function):
     """Take this rank's tokens of a replicated global tensor.
 
@@ -463,7 +481,7 @@ def calc_attn(
     # One all-gather for K and V together; its backward reduce-scatters dK/dV to their owners.
     kv = torch.cat([k, v], dim=1)
     if key.cp_size > 1:
-        kv = torch.cat(dist_nn.all_gather(kv, group=key.cp_group))
+        kv = _GatherKV.apply(kv, key.cp_group)
     k_gathered, v_gathered = kv.split(key.num_heads_kv, dim=1)
 
     attend = _attend_flex if q.is_cuda else _attend_matmul

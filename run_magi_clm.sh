@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFF
 RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shakespeare; full: the seed's recipe
 CP_SIZE=${CP_SIZE:-2}               # ranks that share one sequence
 OUTPUT_DIR=${OUTPUT_DIR:-output/magi_cp$CP_SIZE}
-GLOBAL_BATCH=8                      # samples per optimizer step, as in run_origin_clm.sh
+GLOBAL_BATCH=${GLOBAL_BATCH:-8}                      # samples per optimizer step, as in run_origin_clm.sh
 NNODES=${NNODES:-1}
 if [ "$NNODES" -eq 1 ]; then
   RENDEZVOUS=(--standalone)           # a free local port, so that several runs can share a machine
@@ -20,16 +20,21 @@ fi
 if [ "$RECIPE" = full ]; then
   # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs.
   export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
-  PER_DEVICE_BATCH=1
+  PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
   RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
     --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
     --validation_split_percentage 1 --preprocessing_num_workers 32 --save_steps 500)
 else
-  PER_DEVICE_BATCH=8
+  PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
   RECIPE_ARGS=(--block_size 256 --max_steps ${MAX_STEPS:-300} --learning_rate 2e-3 --warmup_steps 20
     --max_eval_samples 64 --save_steps 100)
 fi
 
+# Checked before the arithmetic below, where 0 would stop bash with a bare "division by 0".
+if ! [[ "$CP_SIZE" =~ ^[1-9][0-9]*$ ]]; then
+  echo "CP_SIZE=$CP_SIZE is not a positive number of ranks: set CP_SIZE to 1 (no CP), 2, 4 or 8" >&2
+  exit 1
+fi
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
   DEVICE_ARGS=()

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFF
 
 RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shakespeare; full: the seed's recipe
 OUTPUT_DIR=${OUTPUT_DIR:-output/origin}
-GLOBAL_BATCH=8                      # samples per optimizer step, over all processes
+GLOBAL_BATCH=${GLOBAL_BATCH:-8}                      # samples per optimizer step, over all processes
 NNODES=${NNODES:-1}
 if [ "$NNODES" -eq 1 ]; then
   RENDEZVOUS=(--standalone)           # a free local port, so that several runs can share a machine
@@ -18,12 +18,12 @@ fi
 if [ "$RECIPE" = full ]; then
   # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs.
   export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
-  PER_DEVICE_BATCH=1
+  PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
   RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
     --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
     --validation_split_percentage 1 --preprocessing_num_workers 32 --save_steps 500)
 else
-  PER_DEVICE_BATCH=8
+  PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
   RECIPE_ARGS=(--block_size 256 --max_steps ${MAX_STEPS:-300} --learning_rate 2e-3 --warmup_steps 20
     --max_eval_samples 64 --save_steps 100)
 fi
