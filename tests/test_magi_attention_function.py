@@ -1,0 +1,63 @@
+"""The registered attention function inside a real Llama, in one process (a CP group of one rank):
+the same logits as SDPA, in the run's dtype, and no [batch, 1, seq, seq] mask built for it."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import magi_portable
+import run_magi_clm
+from magi_utils import skip_causal_mask
+
+
+@pytest.fixture(scope="module")
+def single_rank_group(tmp_path_factory):
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def tiny_llama(attn_implementation, dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_magi_attention_matches_sdpa_without_a_4d_mask(single_rank_group, monkeypatch, dtype, tolerance):
+    batch_size, seq_len = 3, 21
+    input_ids = torch.randint(0, 64, (batch_size, seq_len))
+    reference = tiny_llama("sdpa", dtype)(input_ids).logits
+
+    model = tiny_llama("Magi_Attention", dtype)
+    skip_causal_mask(model)
+    seen = []
+
+    def recording_forward(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append((attention_mask, query.dtype))
+        out, weights = run_magi_clm.magi_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        seen.append((None, out.dtype))
+        return out, weights
+
+    monkeypatch.setitem(run_magi_clm.ALL_ATTENTION_FUNCTIONS._global_mapping, "Magi_Attention", recording_forward)
+
+    cu_seqlens_q, cu_seqlens_k = magi_portable.infer_varlen_mask_from_batch(batch_size, seq_len)
+    key = magi_portable.magi_attn_varlen_key(
+        cu_seqlens_q, cu_seqlens_k, 4, 2, 8, pad_size=magi_portable.compute_pad_size(63, 1, 8),
+        cp_group_or_mesh=single_rank_group, causal=True, chunk_size=8,
+    )
+    logits = model(
+        input_ids=magi_portable.dispatch(input_ids.flatten(), key).unsqueeze(0),
+        position_ids=(magi_portable.get_position_ids(key) % seq_len).unsqueeze(0),
+        magi_attn_key=key,
+    ).logits
+    logits = magi_portable.undispatch(logits.squeeze(0), key).view(batch_size, seq_len, -1)
+
+    assert len(seen) == 2 * model.config.num_hidden_layers
+    assert all(mask is None and seen_dtype == dtype for mask, seen_dtype in seen)
+    assert logits.dtype == dtype
+    assert (logits - reference).abs().max() <= tolerance * reference.abs().max()
