@@ -51,8 +51,10 @@ def check_supported_versions():
 def check_model_takes_magi_attention(model, attn_implementation):
     """The model must call its attention through transformers' registry, and build its mask in
     `_update_causal_mask`, which we skip (see skip_causal_mask)."""
-    decoder = model.get_decoder()
-    if not getattr(model, "_supports_attention_backend", False) or not hasattr(decoder, "_update_causal_mask"):
+    # Older model classes (GPT-2, OPT, ...) have neither the flag nor get_decoder: test before calling it.
+    takes_it = getattr(model, "_supports_attention_backend", False) and hasattr(model, "get_decoder") \
+        and hasattr(model.get_decoder(), "_update_causal_mask")
+    if not takes_it:
         raise ValueError(
             f"{type(model).__name__} cannot take the registered attention function '{attn_implementation}': "
             "it does not call attention through transformers' ALL_ATTENTION_FUNCTIONS. Use a model that does "

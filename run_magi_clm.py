@@ -166,7 +166,7 @@ class MagiArguments:
 
     def __post_init__(self):
         if self.cp_size < 1:
-            raise ValueError(f"--cp_size must be at least 1, got {self.cp_size}.")
+            raise ValueError(f"--cp_size must be at least 1, got {self.cp_size}: pass --cp_size 1 (no CP) or more.")
 
 
 def magi_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, magi_attn_key=None,
@@ -321,7 +321,8 @@ def main():
 
     # Fail on every rank before any work, rather than hang in a collective later.
     check_supported_versions()
-    if training_args.local_rank == -1:
+    # Not local_rank: transformers sets it to 0 without torchrun. The process group reads RANK from the environment.
+    if "RANK" not in os.environ:
         raise ValueError("run_magi_clm.py runs under torchrun, even for one process: use run_magi_clm.sh.")
     if training_args.world_size % magi_args.cp_size != 0:
         raise ValueError(
@@ -437,6 +438,25 @@ def main():
     if len(tokenizer) > embedding_size:
         model.resize_token_embeddings(len(tokenizer))
 
+    # Checked before tokenizing, which can take long on a large dataset.
+    max_pos_embeddings = getattr(config, "max_position_embeddings", None)
+    if data_args.block_size is None:
+        block_size = min(tokenizer.model_max_length, 1024)
+        if max_pos_embeddings is not None:
+            block_size = min(block_size, max_pos_embeddings)
+        logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
+    else:
+        block_size = data_args.block_size
+    if block_size <= 0:
+        raise ValueError(
+            f"--block_size must be positive, got {block_size}: pass a positive --block_size or leave it unset."
+        )
+    if max_pos_embeddings is not None and block_size > max_pos_embeddings:
+        raise ValueError(
+            f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
+            "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
+        )
+
     # Tokenize every text column, then concatenate and cut into blocks of block_size tokens.
     column_names = list(raw_datasets["train" if training_args.do_train else "validation"].features)
     text_column_name = "text" if "text" in column_names else column_names[0]
@@ -452,22 +472,6 @@ def main():
         }
         tokenized_datasets = raw_datasets.map(
             tokenize_function, batched=True, remove_columns=column_names, **map_kwargs
-        )
-
-    max_pos_embeddings = getattr(config, "max_position_embeddings", None)
-    if data_args.block_size is None:
-        block_size = min(tokenizer.model_max_length, 1024)
-        if max_pos_embeddings is not None:
-            block_size = min(block_size, max_pos_embeddings)
-        logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
-    else:
-        block_size = data_args.block_size
-    if block_size <= 0:
-        raise ValueError(f"--block_size must be positive, got {block_size}.")
-    if max_pos_embeddings is not None and block_size > max_pos_embeddings:
-        raise ValueError(
-            f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
-            "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
         )
 
     # Batches of 1000 texts are grouped together: each batch drops its own remainder.

@@ -42,6 +42,9 @@ else
   NPROC=${NPROC:-$CP_SIZE}            # one CP group of CPU processes
   DEVICE_ARGS=(--use_cpu --ddp_backend gloo --dataloader_num_workers 0)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+  # accelerate names the device of several CPU processes "cpu:0", which torch.load cannot map the optimizer
+  # state to when the Trainer resumes from a checkpoint: name it "cpu".
+  export ACCELERATE_TORCH_DEVICE=cpu
 fi
 WORLD_SIZE=$(( NNODES * NPROC ))
 if [ $(( WORLD_SIZE % CP_SIZE )) -ne 0 ]; then

@@ -283,6 +283,25 @@ def main():
     if len(tokenizer) > embedding_size:
         model.resize_token_embeddings(len(tokenizer))
 
+    # Checked before tokenizing, which can take long on a large dataset.
+    max_pos_embeddings = getattr(config, "max_position_embeddings", None)
+    if data_args.block_size is None:
+        block_size = min(tokenizer.model_max_length, 1024)
+        if max_pos_embeddings is not None:
+            block_size = min(block_size, max_pos_embeddings)
+        logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
+    else:
+        block_size = data_args.block_size
+    if block_size <= 0:
+        raise ValueError(
+            f"--block_size must be positive, got {block_size}: pass a positive --block_size or leave it unset."
+        )
+    if max_pos_embeddings is not None and block_size > max_pos_embeddings:
+        raise ValueError(
+            f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
+            "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
+        )
+
     # Tokenize every text column, then concatenate and cut into blocks of block_size tokens.
     column_names = list(raw_datasets["train" if training_args.do_train else "validation"].features)
     text_column_name = "text" if "text" in column_names else column_names[0]
@@ -298,22 +317,6 @@ def main():
         }
         tokenized_datasets = raw_datasets.map(
             tokenize_function, batched=True, remove_columns=column_names, **map_kwargs
-        )
-
-    max_pos_embeddings = getattr(config, "max_position_embeddings", None)
-    if data_args.block_size is None:
-        block_size = min(tokenizer.model_max_length, 1024)
-        if max_pos_embeddings is not None:
-            block_size = min(block_size, max_pos_embeddings)
-        logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
-    else:
-        block_size = data_args.block_size
-    if block_size <= 0:
-        raise ValueError(f"--block_size must be positive, got {block_size}.")
-    if max_pos_embeddings is not None and block_size > max_pos_embeddings:
-        raise ValueError(
-            f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
-            "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
         )
 
     # Batches of 1000 texts are grouped together: each batch drops its own remainder.

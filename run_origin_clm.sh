@@ -35,6 +35,9 @@ else
   NPROC=${NPROC:-1}
   DEVICE_ARGS=(--use_cpu --ddp_backend gloo --dataloader_num_workers 0)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+  # accelerate names the device of several CPU processes "cpu:0", which torch.load cannot map the optimizer
+  # state to when the Trainer resumes from a checkpoint: name it "cpu".
+  export ACCELERATE_TORCH_DEVICE=cpu
 fi
 DP_SIZE=$(( NNODES * NPROC ))
 GRAD_ACC=$(( GLOBAL_BATCH / (PER_DEVICE_BATCH * DP_SIZE) ))
