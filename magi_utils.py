@@ -6,12 +6,14 @@ implementation of the same calls. MAGI_ATTENTION_BACKEND=magi or =portable force
 """
 
 import importlib
-import math
 import os
 
 import accelerate
 import transformers
 from packaging import version
+
+# MagiAttention v1.1.1's chunk size, which the real API does not export; pad_size depends on it.
+from magi_portable import default_chunk_size  # noqa: F401
 
 # The Trainer and Accelerator overrides reach into these versions' internals.
 SUPPORTED_TRANSFORMERS = ("4.51.0", "4.52.0")  # [low, high)
@@ -72,8 +74,3 @@ def skip_causal_mask(model):
     """transformers 4.51 builds a [batch, 1, seq, seq] mask for attention implementations it does not know.
     The MagiAttention key carries the mask, so the model builds none."""
     model.get_decoder()._update_causal_mask = lambda *args, **kwargs: None
-
-
-def default_chunk_size(total_seqlen, cp_size):
-    """MagiAttention v1.1.1's default: 512 tokens, fewer when a rank would get fewer than 8 chunks."""
-    return max(1, min(512, math.ceil(total_seqlen / (8 * cp_size))))
