@@ -176,6 +176,10 @@ def magi_attention_forward(module, query, key, value, attention_mask, scaling, d
     if dropout != 0.0:
         raise ValueError("MagiAttention has no attention dropout: set the model's attention_dropout to 0.")
     q, k, v = (rearrange(t, "1 h s d -> s h d") for t in (query, key, value))
+    if torch.is_autocast_enabled(query.device.type):
+        # As SDPA does under autocast (--bf16): RoPE with float32 cos/sin hands over float32 q and k, and the fast
+        # attention kernels take bf16/fp16 only (with float32 q/k the portable backend falls back to FlexAttention).
+        q, k, v = (t.to(torch.get_autocast_dtype(query.device.type)) for t in (q, k, v))
     out, _ = magi_api.calc_attn(q, k, v, magi_attn_key, softmax_scale=scaling)
     return rearrange(out, "s h d -> 1 s h d"), None
 
