@@ -1,0 +1,113 @@
+"""Run run_origin_clm.py or run_magi_clm.py unchanged and report steady-state tokens/s and peak GPU memory.
+
+    torchrun --standalone --nproc_per_node 1 bench/e2e.py --results bench/results/e2e.jsonl \
+        run_magi_clm.py --cp_size 1 --block_size 8192 ... (the script's own arguments)
+
+The script runs as __main__ through runpy. Around it, never inside its training step, this adds:
+- a TrainerCallback (through transformers.trainer.DEFAULT_CALLBACKS) that synchronizes the GPU at the end of every
+  step and times the steps after --warmup_steps;
+- model initialisation on the GPU (from_config under a torch.device context): random init of 1.2B parameters on
+  the CPU takes most of a minute and measures nothing. Both scripts get the same weights (same seed), in
+  --weights_dtype;
+- no final save_model/save_state: writing 5 GB of weights is not training;
+- optionally (--profile_step) torch.profiler's table of one step.
+One JSON line per run is appended to --results: tokens/s, step time, peak allocated and reserved memory, the loss of
+every step; or the out-of-memory error.
+"""
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import time
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, profile_step):
+        self.step_ends, self.losses = [], []
+        self.profile_step, self.profiler = profile_step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.profile_step:
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        torch.cuda.synchronize()
+        self.step_ends.append(time.perf_counter())
+        if self.profiler is not None:
+            self.profiler.stop()
+            print(f"PROFILE of step {state.global_step}, GPU kernels by total time:\n" + self.profiler.key_averages().table(
+                sort_by="self_device_time_total", row_limit=25, max_name_column_width=70), flush=True)
+            self.profiler = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, help="JSON lines file to append this run's result to")
+    parser.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the timing")
+    parser.add_argument("--profile_step", type=int, help="print torch.profiler's table of this step (1-based)")
+    parser.add_argument("--weights_dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the initialised weights, and so of their gradients and AdamW state. The scripts "
+                        "build the model in float32 (--bf16 then trains under autocast); bfloat16 is the issue's "
+                        "reference setting")
+    parser.add_argument("script", help="run_origin_clm.py or run_magi_clm.py")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.warmup_steps < 1:
+        parser.error("--warmup_steps must be at least 1: the first step has no start time")
+    script_arg = {name: value for name, value in zip(args.script_args, args.script_args[1:])}
+    if os.environ.get("WORLD_SIZE", "1") != "1" or "--gradient_accumulation_steps" in script_arg:
+        raise SystemExit("bench/e2e.py counts tokens for one process without gradient accumulation.")
+    tokens_per_step = int(script_arg["--block_size"]) * int(script_arg.get("--per_device_train_batch_size", 8))
+
+    timer = StepTimer(args.profile_step)
+    transformers.trainer.DEFAULT_CALLBACKS.append(timer)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    from_config = AutoModelForCausalLM.from_config
+
+    def from_config_on_gpu(*a, **kw):
+        with device:
+            return from_config(*a, **kw).to(getattr(torch, args.weights_dtype))
+
+    AutoModelForCausalLM.from_config = from_config_on_gpu
+    Trainer.save_model = lambda self, *a, **kw: None
+    Trainer.save_state = lambda self: None
+
+    result = {"script": os.path.basename(args.script), "tokens_per_step": tokens_per_step,
+              "weights_dtype": args.weights_dtype,
+              "gradient_checkpointing": "--gradient_checkpointing" in args.script_args,
+              "liger": "--use_liger_kernel" in args.script_args}
+    sys.argv = [args.script] + args.script_args
+    sys.path[0] = os.path.dirname(os.path.abspath(args.script))  # as `python script.py` would have it
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    except torch.OutOfMemoryError as error:
+        result.update(status="OOM", error=str(error).splitlines()[0])
+    else:
+        timed = timer.step_ends[args.warmup_steps - 1 :]
+        if len(timed) < 2:
+            raise SystemExit(f"ran {len(timer.step_ends)} steps: need more than --warmup_steps {args.warmup_steps}")
+        step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
+        step_times = [round(b - a, 4) for a, b in zip(timer.step_ends, timer.step_ends[1:])]
+        result.update(status="ok", steps=len(timer.step_ends), timed_steps=len(timed) - 1, step_s=round(step_s, 4),
+                      tokens_per_s=round(tokens_per_step / step_s), step_times_s=step_times, losses=timer.losses)
+    result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                  peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
+    print("E2E_RESULT " + json.dumps(result), flush=True)
+    with open(args.results, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

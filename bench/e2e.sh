@@ -1,0 +1,56 @@
+#!/bin/bash
+# End-to-end: run_origin_clm.py against run_magi_clm.py --cp_size 1 on one GPU, same shape, same machine, same call.
+#   bash bench/e2e.sh plain 8192 16384               # no gradient checkpointing, HF's cross-entropy on full logits
+#   bash bench/e2e.sh gc_liger 8192 32768 131072     # gradient checkpointing + liger's fused linear cross-entropy
+#   WEIGHTS=bfloat16 bash bench/e2e.sh ...           # bf16 weights/gradients/AdamW state (default: float32)
+# Model: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied embeddings),
+# random init, bf16 autocast, batch 1, fused AdamW, on the embedded default corpus. Results: $RESULTS (JSON lines).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Less fragmentation at long context (both scripts alike; it changes where tensors live, not what is computed).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+MODE=$1; shift
+RESULTS=${RESULTS:-bench/results/e2e.jsonl}
+WEIGHTS=${WEIGHTS:-float32}   # bfloat16: weights, gradients and AdamW state in bf16, as in the issue's reference
+FULL_LOG=${FULL_LOG:-/tmp/e2e_full.log}   # every run's whole output, appended
+RUN_LOG=$(mktemp)
+SCRIPTS=${SCRIPTS:-"run_origin_clm.py run_magi_clm.py"}
+case $MODE in
+  plain) MODE_ARGS=() ;;
+  gc_liger) MODE_ARGS=(--gradient_checkpointing --use_liger_kernel) ;;
+  *) echo "mode must be plain or gc_liger, got '$MODE'" >&2; exit 1 ;;
+esac
+# Data: the embedded default's text, as JSON documents of 5000 lines. Its .txt files are read one example per line,
+# and group_texts drops the remainder of every 1000-line batch (about 10k tokens): no block longer than that.
+DATA=/tmp/e2e_data
+python3 - "$DATA" <<'PY'
+import json, sys
+from pathlib import Path
+from embedded_default import prepare_default_corpus
+out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
+for name, path in zip(("train", "validation"), prepare_default_corpus()[:2]):
+    lines = Path(path).read_text().splitlines(keepends=True)
+    docs = ["".join(lines[i : i + 5000]) for i in range(0, len(lines), 5000)]
+    (out / f"{name}.json").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+PY
+DATA_ARGS=(--train_file $DATA/train.json --validation_file $DATA/validation.json --tokenizer_name data/shakespeare/tokenizer)
+MODEL="hidden_size=2048,intermediate_size=8192,num_hidden_layers=16,num_attention_heads=32,num_key_value_heads=8"
+MODEL+=",head_dim=64,vocab_size=128256,rope_theta=500000,tie_word_embeddings=true"
+
+for len in "$@"; do
+  # Long steps take long: fewer of them (the first steps compile, allocate the optimizer state and warm up).
+  if [ "$len" -ge 131072 ]; then steps=$(( len >= 262144 ? 2 : 3 )); warmup=1; else steps=10; warmup=3; fi
+  for script in $SCRIPTS; do
+    extra=(); [ "$script" = run_magi_clm.py ] && extra=(--cp_size 1)
+    torchrun --standalone --nproc_per_node 1 bench/e2e.py --results "$RESULTS" --warmup_steps $warmup --weights_dtype $WEIGHTS \
+      "$script" "${extra[@]}" --model_type llama --config_overrides "$MODEL,max_position_embeddings=$len" \
+      --block_size "$len" --per_device_train_batch_size 1 --bf16 --optim adamw_torch_fused \
+      --max_steps $steps --logging_steps 1 --save_strategy no --report_to none --do_train \
+      --output_dir /tmp/e2e_out --overwrite_output_dir --disable_tqdm true "${DATA_ARGS[@]}" \
+      "${MODE_ARGS[@]}" > "$RUN_LOG" 2>&1
+    rc=$?
+    cat "$RUN_LOG" >> "$FULL_LOG"
+    grep E2E_RESULT "$RUN_LOG" || { echo "FAILED (exit $rc): $script $MODE $len"; tail -40 "$RUN_LOG"; }
+  done
+done
