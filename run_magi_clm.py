@@ -564,6 +564,10 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
+    # Destroy the process group before the interpreter exits: gloo's worker threads alive at exit can abort the
+    # process (SIGABRT, "terminate called without an active exception") after a finished run.
+    trainer.accelerator.end_training()
+
 
 if __name__ == "__main__":
     main()
