@@ -234,7 +234,7 @@ class MagiTrainer(Trainer):
         # Each sample is its own causal sequence in one flattened token stream, cut into chunks over the CP group.
         cu_seqlens_q, cu_seqlens_k = magi_api.infer_varlen_mask_from_batch(batch_size, seq_len, device=input_ids.device)
         chunk_size = default_chunk_size(batch_size * seq_len, self.cp_size)
-        self.magi_attn_key = magi_api.magi_attn_varlen_key(
+        key = magi_api.magi_attn_varlen_key(
             cu_seqlens_q,
             cu_seqlens_k,
             num_heads_q=config.num_attention_heads,
@@ -245,6 +245,10 @@ class MagiTrainer(Trainer):
             causal=True,
             chunk_size=chunk_size,
         )
+        if key != self.magi_attn_key and hasattr(key, "attn_area_imbalance"):  # a new plan, from magi_portable
+            logger.info(f"CP plan for {batch_size} samples x {seq_len} tokens: chunks of {chunk_size} tokens over "
+                        f"{self.cp_size} ranks, busiest rank's attention area / mean: {key.attn_area_imbalance:.3f}")
+        self.magi_attn_key = key
         # Shift the labels before dispatch, so that each rank holds the targets of its own tokens.
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         return {
