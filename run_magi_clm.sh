@@ -9,12 +9,13 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFF
 RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shakespeare; full: the seed's recipe
 CP_SIZE=${CP_SIZE:-2}               # ranks that share one sequence
 OUTPUT_DIR=${OUTPUT_DIR:-output/magi_cp$CP_SIZE}
-GLOBAL_BATCH=${GLOBAL_BATCH:-8}                      # samples per optimizer step, as in run_origin_clm.sh
+GLOBAL_BATCH=${GLOBAL_BATCH:-8}     # samples per optimizer step, as in run_origin_clm.sh
 NNODES=${NNODES:-1}
 if [ "$NNODES" -eq 1 ]; then
   RENDEZVOUS=(--standalone)           # a free local port, so that several runs can share a machine
 else
-  RENDEZVOUS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+  RENDEZVOUS=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK (0 to NNODES-1) on each node}"
+    --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}" --master_port "${MASTER_PORT:-29500}")
 fi
 
 if [ "$RECIPE" = full ]; then
