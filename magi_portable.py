@@ -21,6 +21,7 @@ not overlap and briefly holds all of K/V on every rank. MagiAttention sends only
 rank needs. With GQA, K/V are h_kv/h_q of Q's size, so the gathered volume stays small.
 """
 
+import atexit
 import bisect
 import heapq
 import math
@@ -217,6 +218,15 @@ class DistAttnRuntimeKey:
 
 _cached_keys: "OrderedDict[DistAttnRuntimeKey, DistAttnRuntimeKey]" = OrderedDict()
 _most_recent_key: dict[dist.ProcessGroup, DistAttnRuntimeKey] = {}
+
+
+@atexit.register
+def _release_cached_keys():
+    """The cached keys hold their CP process groups, and destroy_process_group() leaves a gloo group's threads
+    running while anything holds it. Let go of the groups while the interpreter is alive: joined during its
+    shutdown, those threads can abort a finished run (SIGABRT, "terminate called without an active exception")."""
+    _cached_keys.clear()
+    _most_recent_key.clear()
 
 
 def magi_attn_varlen_key(

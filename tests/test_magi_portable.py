@@ -4,6 +4,7 @@ import math
 import os
 import queue
 import random
+import subprocess
 import sys
 import traceback
 from datetime import timedelta
@@ -13,7 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 import magi_portable as magi  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 4, 2, 16
@@ -233,3 +235,32 @@ def test_distributed_attention_matches_reference(cp_size, tmp_path):
                 worker.terminate()
                 worker.join()
     assert not failures, "\n".join(failures)
+
+
+# An exit handler registered before magi_portable is imported runs after magi_portable's own.
+EXIT_SCRIPT = """
+import atexit, os, sys
+
+def count_gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    print("gloo threads at exit:", sum("gloo" in name for name in names), flush=True)
+
+atexit.register(count_gloo_threads)
+import torch
+import torch.distributed as dist
+import magi_portable as magi
+
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[1], 1), rank=0, world_size=1)
+cu = torch.tensor([0, 16], dtype=torch.int32)
+magi.magi_attn_varlen_key(cu, cu, 2, 1, 8, 0, dist.new_group([0]), causal=True, chunk_size=8)
+dist.destroy_process_group()
+"""
+
+
+def test_cached_keys_let_go_of_their_process_group_at_exit(tmp_path):
+    # A gloo group's threads outlive destroy_process_group() while a key holds the group; joined during the
+    # interpreter's shutdown, they can abort a finished run. So none may be left once the exit handlers have run.
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / "store")], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "gloo threads at exit: 0", result.stdout
