@@ -10,8 +10,8 @@ How it works
 - ``dispatch`` / ``undispatch`` move tokens between the global order and the rank-local order.
 - ``calc_attn`` all-gathers K and V over the CP group (its backward reduce-scatters dK/dV), then
   computes exact masked attention of the local queries against all keys: a chunked matmul path
-  on CPU; on CUDA, SDPA's own kernel (cuDNN on Hopper) when a rank holds one whole sample, else
-  compiled FlexAttention with a block mask cached on the key (bench/attention.py measures both on a GPU).
+  on CPU; on CUDA, SDPA's own kernel (cuDNN on Hopper) per sample at CP 1, else compiled FlexAttention
+  with a block mask cached on the key (bench/attention.py measures both on a GPU).
 
 Communication per attention layer, per rank, with S padded tokens, h_kv key/value heads, head
 size d and b bytes per element: forward all-gathers (cp-1)/cp * S * 2 * h_kv * d * b bytes;
@@ -493,14 +493,39 @@ def _sdpa_with_lse(q, k, v, scale, causal):
     return out, lse.reshape(q.shape[:3])  # cuDNN's lse is [b, h, tokens, 1]
 
 
+def _sdpa_per_sample(q, k, v, key, scale):
+    """CP 1: every sample is whole on this rank, so each one is a plain causal or full attention, run by the kernel
+    SDPA itself picks (cuDNN on Hopper); the pad tail gets zeros and an lse of -inf. None where SDPA's pick does not
+    return the lse, or where the samples average under DEFAULT_MAX_CHUNK_SIZE tokens: there a launch per sample
+    would likely cost more than one FlexAttention call (measured only with samples of 459 to 8192 tokens)."""
+    num_samples = len(key.cu_seqlens) - 1
+    if num_samples == 1 and key.pad_size == 0:
+        return _sdpa_with_lse(q, k, v, scale, key.causal)
+    if key.total_seqlen < num_samples * DEFAULT_MAX_CHUNK_SIZE:
+        return None
+    # split, not slicing: the backward of a slice would build a zero gradient the size of q for every sample.
+    lengths = [end - start for start, end in zip(key.cu_seqlens[:-1], key.cu_seqlens[1:])] + [key.pad_size]
+    q_parts, k_parts, v_parts = (t.split(lengths, dim=2) for t in (q, k, v))
+    outs, lses = [], []
+    for i in range(num_samples):
+        if lengths[i] == 0:
+            continue
+        result = _sdpa_with_lse(q_parts[i], k_parts[i], v_parts[i], scale, key.causal)
+        if result is None:
+            return None
+        outs.append(result[0])
+        lses.append(result[1])
+    outs.append(q.new_zeros((*q.shape[:2], key.pad_size, q.shape[3])))
+    lses.append(lses[0].new_full((*q.shape[:2], key.pad_size), -math.inf))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def _attend_cuda(q, k_gathered, v_gathered, key, scale):
-    """CUDA path. When this rank holds one whole sample (CP 1, one sample, no padding) the mask is plain causal or
-    full, and SDPA's own kernel runs it: cuDNN on Hopper (H100, causal 8192, d 64, fwd+bwd: 398 TFLOP/s against 254
-    for compiled FlexAttention). Any other mask runs through compiled FlexAttention with the key's cached block mask."""
+    """CUDA path. At CP 1, SDPA's own kernel per sample: cuDNN on Hopper (H100, fwd+bwd, d 64: causal 8192 at 404
+    TFLOP/s against 257 for compiled FlexAttention, 8 causal documents in 32768 tokens at 311 against 243). At CP > 1,
+    where a rank's chunks cut samples apart, compiled FlexAttention with the key's cached block mask."""
     q, k, v = (rearrange(t, "l h d -> 1 h l d") for t in (q, k_gathered, v_gathered))
-    result = None
-    if key.cp_size == 1 and len(key.cu_seqlens) == 2 and key.pad_size == 0:
-        result = _sdpa_with_lse(q, k, v, scale, key.causal)
+    result = _sdpa_per_sample(q, k, v, key, scale) if key.cp_size == 1 else None
     if result is None:
         result = _flex_attention_with_lse(q, k, v, _flex_block_mask(key, q.device), scale)
     out, lse = result

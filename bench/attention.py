@@ -6,8 +6,8 @@ Forward + backward, bf16, 32 query heads and 8 key/value heads (GQA), head dims 
 - causal 8192 and 32768 tokens: one sample, so calc_attn runs SDPA's own kernel; compared with SDPA as
   transformers 4.51 calls it (K/V expanded to 32 heads, contiguous [b, h, s, d]), with SDPA on the unexpanded
   tensors (enable_gqa), with SDPA's FlashAttention-2 kernel, and (8192, d 64) with compiled FlexAttention;
-- varlen: 32768 tokens of documents of mixed lengths (128 to 8192, seeded), each causal: calc_attn runs compiled
-  FlexAttention with its cached block mask; compared with compiled FlexAttention given the usual document mask.
+- varlen: 32768 tokens of documents of mixed lengths (128 to 8192, seeded), each causal: calc_attn runs SDPA's own
+  kernel once per document; compared with compiled FlexAttention given the usual document mask.
 TFLOP/s count 4 * d * heads_q multiply-adds per visible (query, key) pair forward, 2.5x that backward.
 Every case first checks calc_attn against the reference (output and lse).
 """

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from einops import rearrange
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -235,6 +236,52 @@ def test_distributed_attention_matches_reference(cp_size, tmp_path):
                 worker.terminate()
                 worker.join()
     assert not failures, "\n".join(failures)
+
+
+
+def test_cuda_path_calls_the_kernel_once_per_sample(monkeypatch):
+    """At CP 1 the CUDA path runs SDPA's kernel once per sample and pads the tail. That kernel is CUDA-only, so a CPU
+    stand-in takes its place (bench/attention.py checks the real one on a GPU): this tests the cutting into samples,
+    empty samples, the pad tail and the gradients through them, against the float64 reference."""
+    calls = []
+
+    def sdpa_stand_in(q, k, v, scale, causal):
+        calls.append(q.shape[2])
+        out, lse = magi._attend_block(*(rearrange(t, "1 h l d -> l h d") for t in (q, k, v)), scale, causal)
+        return rearrange(out, "l h d -> 1 h l d"), rearrange(lse, "l h -> 1 h l")
+
+    monkeypatch.setattr(magi, "_sdpa_with_lse", sdpa_stand_in)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        cases = [([0, 700, 700, 1800], True, [700, 1100]), ([0, 1100], False, [1100]), ([0, 1024], True, [1024]),
+                 ([0, 100, 300], True, None)]  # samples under 512 tokens on average: FlexAttention instead
+        for cu_seqlens, causal, expected_calls in cases:
+            calls.clear()
+            total = cu_seqlens[-1]
+            chunk_size = magi.default_chunk_size(total, 1)
+            cu = torch.tensor(cu_seqlens)
+            key = magi.magi_attn_varlen_key(cu, cu, HEADS_Q, HEADS_KV, HEAD_DIM,
+                                            magi.compute_pad_size(total, 1, chunk_size),
+                                            torch.distributed.group.WORLD, causal=causal, chunk_size=chunk_size)
+            q, k, v = (torch.randn(total, heads, HEAD_DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+                       for heads in (HEADS_Q, HEADS_KV, HEADS_KV))
+            local = [rearrange(magi.dispatch(t, key), "l h d -> 1 h l d") for t in (q, k, v)]
+            result = magi._sdpa_per_sample(*local, key, HEAD_DIM**-0.5)
+            if expected_calls is None:
+                assert result is None and calls == []
+                continue
+            assert calls == expected_calls
+            out, lse = rearrange(result[0], "1 h l d -> l h d"), rearrange(result[1], "1 h l -> l h")
+            assert out[total:].eq(0).all() and lse[total:].eq(-math.inf).all()
+            ref_out, ref_lse = reference_attention(q, k, v, cu_seqlens, causal, HEAD_DIM**-0.5)
+            grad_out, grad_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
+            grads = torch.autograd.grad((out[:total] * grad_out).sum() + (lse[:total] * grad_lse).sum(), (q, k, v))
+            ref_grads = torch.autograd.grad((ref_out * grad_out).sum() + (ref_lse * grad_lse).sum(), (q, k, v))
+            for got, want in [(out[:total], ref_out), (lse[:total], ref_lse), *zip(grads, ref_grads)]:
+                assert (got - want).abs().max() < 1e-10
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # An exit handler registered before magi_portable is imported runs after magi_portable's own.
