@@ -238,7 +238,6 @@ def test_distributed_attention_matches_reference(cp_size, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-
 def test_cuda_path_calls_the_kernel_once_per_sample(monkeypatch):
     """At CP 1 the CUDA path runs SDPA's kernel once per sample and pads the tail. That kernel is CUDA-only, so a CPU
     stand-in takes its place (bench/attention.py checks the real one on a GPU): this tests the cutting into samples,
