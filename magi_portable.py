@@ -1,17 +1,25 @@
 """Portable stand-in for the subset of ``magi_attention.api`` (v1.1.x) this project uses.
 
-Plain PyTorch + torch.distributed: runs on CPU (gloo) and GPU (NCCL), no Hopper kernels.
-Same names, signatures and meaning as the real API, so callers can import either module.
+Plain PyTorch + torch.distributed: runs on CPU (gloo) and GPU (NCCL); on Hopper and Blackwell GPUs its attention
+kernel is FlashAttention-4 when that is installed. The names and meanings are the real API's, so callers can import
+either module. Differences from the real API: ``magi_attn_varlen_key`` takes ``pad_size`` and ``chunk_size`` as
+v1.1.0 did (v1.1.1 deprecates them) and only self-attention without sliding windows; ``calc_attn`` has no
+``return_max_logits``, sinks or softcap; ``DistAttnConfig`` options are accepted and ignored.
 
 How it works
-- Planning (once per key): the padded token stream is cut into chunks of ``chunk_size``; every
-  rank gets the same number of chunks, assigned greedily (largest attention area first, to the
-  least-loaded rank with room) so each rank's queries cover about the same mask area.
+- Planning (once per key): the padded token stream is cut into chunks of ``chunk_size``; every rank gets the same
+  number of chunks. Chunks are grouped into units of consecutive chunks and the units assigned greedily (largest
+  attention area first, to the least-loaded rank with room), with the coarsest units that keep the busiest rank
+  within AREA_IMBALANCE_TOLERANCE of the mean area: few contiguous query ranges per rank (for one causal sample,
+  a head and a tail), so that few key ranges are needed.
 - ``dispatch`` / ``undispatch`` move tokens between the global order and the rank-local order.
-- ``calc_attn`` all-gathers K and V over the CP group (its backward reduce-scatters dK/dV), then
-  computes exact masked attention of the local queries against all keys: a chunked matmul path
-  on CPU; on CUDA, SDPA's own kernel (cuDNN on Hopper) per sample at CP 1, else compiled FlexAttention
-  with a block mask cached on the key (bench/attention.py measures both on a GPU).
+- ``calc_attn`` all-gathers K and V over the CP group (its backward reduce-scatters dK/dV), then computes exact
+  masked attention of each local query range against its sample's keys (up to the range's end if causal), with
+  one of these kernels (MAGI_ATTENTION_KERNEL_BACKEND forces one; the first call logs which one runs):
+  ``fa4``: FlashAttention-4's varlen kernel, one call for all ranges (CUDA, Hopper or Blackwell, bf16/fp16);
+  ``sdpa``: the kernel SDPA itself picks (cuDNN on Hopper), once per sample, at CP 1 only;
+  ``flex``: compiled FlexAttention with a block mask cached on the key (CUDA);
+  ``torch``: matmuls per block of queries (any device; the CPU's kernel).
 
 Communication per attention layer, per rank, with S padded tokens, h_kv key/value heads, head
 size d and b bytes per element: forward all-gathers (cp-1)/cp * S * 2 * h_kv * d * b bytes;
@@ -24,7 +32,10 @@ rank needs. With GQA, K/V are h_kv/h_q of Q's size, so the gathered volume stays
 import atexit
 import bisect
 import heapq
+import importlib.util
+import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -56,7 +67,7 @@ def squash_batch_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def infer_varlen_mask_from_batch(
-    batch_size: int, seq_len: int, device: str = "cpu"
+    batch_size: int, seq_len: int, device: str = "cuda"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cu_seqlens_q, cu_seqlens_k), int32 of shape [batch_size + 1]: each sample its own sequence."""
     cu_seqlens = torch.arange(0, batch_size + 1, dtype=torch.int32, device=device) * seq_len
@@ -78,33 +89,72 @@ def token_attn_areas(cu_seqlens: list[int], causal: bool, padded_total_seqlen: i
     return torch.cat([areas, areas.new_zeros(padded_total_seqlen - cu_seqlens[-1])])
 
 
+AREA_IMBALANCE_TOLERANCE = 1.05  # the busiest rank may carry this much of the mean attention area
+
+
+def _greedy_assign(unit_areas: list[int], cp_size: int) -> tuple[list[list[int]], list[int]]:
+    """Largest unit first, to the least-loaded rank that still has room; every rank gets the same number of units."""
+    units_per_rank = len(unit_areas) // cp_size
+    rank_units = [[] for _ in range(cp_size)]
+    rank_areas = [0] * cp_size
+    heap = [(0, rank) for rank in range(cp_size)]  # (area so far, rank); only ranks with room
+    for unit in sorted(range(len(unit_areas)), key=lambda u: -unit_areas[u]):
+        area, rank = heapq.heappop(heap)
+        rank_units[rank].append(unit)
+        rank_areas[rank] = area + unit_areas[unit]
+        if len(rank_units[rank]) < units_per_rank:
+            heapq.heappush(heap, (rank_areas[rank], rank))
+    return rank_units, rank_areas
+
+
 def assign_chunks(
     cu_seqlens: list[int], causal: bool, chunk_size: int, cp_size: int, padded_total_seqlen: int
 ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-    """Greedy min-heap load balancing of equal-size chunks over CP ranks.
+    """Load balancing of equal-size chunks over CP ranks: greedy over units of consecutive chunks, the coarsest
+    units whose busiest rank carries at most AREA_IMBALANCE_TOLERANCE x the mean area (else the best balanced).
+    Coarse units keep each rank's chunks in few contiguous runs; for one causal sample, two units per rank give
+    the head-and-tail split, which is exactly balanced.
 
     Returns (chunk ids of each rank in ascending order, attention area of each rank)."""
     num_chunks = padded_total_seqlen // chunk_size
     chunks_per_rank = num_chunks // cp_size
-    chunk_areas = token_attn_areas(cu_seqlens, causal, padded_total_seqlen)
-    chunk_areas = chunk_areas.view(num_chunks, chunk_size).sum(1).tolist()
-
-    rank_chunks = [[] for _ in range(cp_size)]
-    rank_areas = [0] * cp_size
-    heap = [(0, rank) for rank in range(cp_size)]  # (area so far, rank); only ranks with room
-    for chunk in sorted(range(num_chunks), key=lambda c: -chunk_areas[c]):
-        area, rank = heapq.heappop(heap)
-        rank_chunks[rank].append(chunk)
-        rank_areas[rank] = area + chunk_areas[chunk]
-        if len(rank_chunks[rank]) < chunks_per_rank:
-            heapq.heappush(heap, (rank_areas[rank], rank))
-    return tuple(tuple(sorted(chunks)) for chunks in rank_chunks), tuple(rank_areas)
+    chunk_areas = token_attn_areas(cu_seqlens, causal, padded_total_seqlen).view(num_chunks, chunk_size).sum(1)
+    best = None
+    for units_per_rank in (n for n in range(1, chunks_per_rank + 1) if chunks_per_rank % n == 0):
+        unit_size = chunks_per_rank // units_per_rank
+        rank_units, rank_areas = _greedy_assign(chunk_areas.view(-1, unit_size).sum(1).tolist(), cp_size)
+        rank_chunks = tuple(
+            tuple(sorted(u * unit_size + i for u in units for i in range(unit_size))) for units in rank_units
+        )
+        # A rank without tokens (area 0) would not take part in the backward's reduce-scatter: avoid it.
+        score = (min(rank_areas) == 0, area_imbalance(rank_areas))
+        if score <= (False, AREA_IMBALANCE_TOLERANCE):
+            return rank_chunks, tuple(rank_areas)
+        if best is None or score < best[0]:
+            best = (score, (rank_chunks, tuple(rank_areas)))
+    return best[1]
 
 
 def area_imbalance(rank_areas: tuple[int, ...]) -> float:
     """Busiest rank's attention area / mean area (1.0 is perfect balance)."""
     mean_area = sum(rank_areas) / len(rank_areas)
     return max(rank_areas) / mean_area if mean_area > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class QueryRange:
+    """Consecutive local queries of one sample: local tokens [local_start, local_start + length) are the global
+    tokens [global_start, global_start + length) of the sample [sample_start, sample_end)."""
+
+    local_start: int
+    global_start: int
+    length: int
+    sample_start: int
+    sample_end: int
+
+    def key_end(self, causal: bool, num_queries: int | None = None) -> int:
+        """End of the keys that the first num_queries (default: all) of these queries may see."""
+        return self.global_start + (self.length if num_queries is None else num_queries) if causal else self.sample_end
 
 
 @dataclass(eq=False)
@@ -119,28 +169,20 @@ class _Plan:
     dispatch_order: torch.Tensor  # global position of each token as gathered: rank-major, chunk order
     global_to_dispatch: torch.Tensor  # inverse permutation of dispatch_order
     token_sample_id: torch.Tensor  # sample index of each global position, -1 for pad tokens
-    # CPU path: (local query start, length, first key, key end) per block of local queries
-    query_blocks: list[tuple[int, int, int, int]]
+    query_ranges: list[QueryRange]  # this rank's queries, in local order; the pad tail follows them
     num_local_pad: int
+    # fa4: each query range attends to its own copy of its keys, laid end to end. Positions in the gathered
+    # (dispatch-ordered) K/V of those keys, None where they are the local tokens as they are (CP 1).
+    key_index: torch.Tensor | None
+    cu_seqlens_q: torch.Tensor  # int32, over the query ranges
+    cu_seqlens_k: torch.Tensor  # int32, over their keys
     block_mask: object = None  # FlexAttention BlockMask, built on first CUDA call
 
 
-def _build_plan(cu_seqlens, causal, chunk_size, padded_total, group, device) -> _Plan:
-    cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+def _query_ranges(my_chunks, chunk_size, cu_seqlens):
+    """Maximal runs of consecutive local chunks, cut at sample borders; and the number of local pad tokens."""
     total = cu_seqlens[-1]
-    rank_chunks, rank_areas = assign_chunks(cu_seqlens, causal, chunk_size, cp_size, padded_total)
-
-    def token_index(chunks):
-        return (torch.tensor(chunks).unsqueeze(1) * chunk_size + torch.arange(chunk_size)).flatten()
-
-    dispatch_order = torch.cat([token_index(chunks) for chunks in rank_chunks])
-    lengths = torch.tensor(cu_seqlens[1:]) - torch.tensor(cu_seqlens[:-1])
-    sample_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-
-    # Query blocks: each maximal run of consecutive local chunks, cut at sample borders and into
-    # pieces of at most chunk_size queries, so no block ever scores more than chunk x seq pairs.
-    query_blocks, local_start, num_local_pad = [], 0, 0
-    my_chunks = rank_chunks[cp_rank]
+    ranges, local_start, num_local_pad = [], 0, 0
     run_starts = [i for i, c in enumerate(my_chunks) if i == 0 or my_chunks[i - 1] != c - 1]
     for i, run_start in enumerate(run_starts):
         run_end = run_starts[i + 1] if i + 1 < len(run_starts) else len(my_chunks)
@@ -148,29 +190,59 @@ def _build_plan(cu_seqlens, causal, chunk_size, padded_total, group, device) -> 
         end = (my_chunks[run_end - 1] + 1) * chunk_size
         num_local_pad += max(0, end - max(begin, total))
         first_sample = bisect.bisect_right(cu_seqlens, begin) - 1
-        for seq_start, seq_end in zip(cu_seqlens[first_sample:-1], cu_seqlens[first_sample + 1 :]):
-            if seq_start >= end:
+        for sample_start, sample_end in zip(cu_seqlens[first_sample:-1], cu_seqlens[first_sample + 1 :]):
+            if sample_start >= end:
                 break
-            for q_start in range(max(begin, seq_start), min(end, seq_end), chunk_size):
-                q_end = min(q_start + chunk_size, end, seq_end)
-                query_blocks.append(
-                    (local_start + q_start - begin, q_end - q_start, seq_start, q_end if causal else seq_end)
-                )
+            lo, hi = max(begin, sample_start), min(end, sample_end)
+            if hi > lo:
+                ranges.append(QueryRange(local_start + lo - begin, lo, hi - lo, sample_start, sample_end))
         local_start += end - begin
     # Pad tokens sit at the global end, so they form the tail of every rank's local tokens.
-    assert sum(block[1] for block in query_blocks) + num_local_pad == local_start
+    assert sum(r.length for r in ranges) + num_local_pad == local_start
+    return ranges, num_local_pad
+
+
+def _build_plan(cu_seqlens, causal, chunk_size, padded_total, group, device) -> _Plan:
+    cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+    total = cu_seqlens[-1]
+    rank_chunks, rank_areas = assign_chunks(cu_seqlens, causal, chunk_size, cp_size, padded_total)
+    if min(rank_areas) == 0:
+        raise ValueError(
+            f"{total} tokens in chunks of {chunk_size} leave a CP rank with no tokens: use a chunk_size of at most "
+            f"{math.ceil(total / cp_size)} (see default_chunk_size)"
+        )
+
+    def token_index(chunks):
+        return (torch.tensor(chunks).unsqueeze(1) * chunk_size + torch.arange(chunk_size)).flatten()
+
+    dispatch_order = torch.cat([token_index(chunks) for chunks in rank_chunks])
+    global_to_dispatch = torch.argsort(dispatch_order)
+    lengths = torch.tensor(cu_seqlens[1:]) - torch.tensor(cu_seqlens[:-1])
+    sample_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    query_ranges, num_local_pad = _query_ranges(rank_chunks[cp_rank], chunk_size, cu_seqlens)
+
+    key_ranges = [(r.sample_start, r.key_end(causal)) for r in query_ranges]
+    key_index = torch.cat([global_to_dispatch[start:end] for start, end in key_ranges] or [torch.zeros(0, dtype=torch.long)])
+    if torch.equal(key_index, torch.arange(len(key_index))):
+        key_index = None  # the keys are the first local tokens, in order: no copy needed
+
+    def cumulative(lengths):
+        return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
     return _Plan(
         cp_size=cp_size,
         cp_rank=cp_rank,
         rank_chunks=rank_chunks,
         rank_areas=rank_areas,
-        local_token_index=token_index(my_chunks).to(device),
+        local_token_index=token_index(rank_chunks[cp_rank]).to(device),
         dispatch_order=dispatch_order.to(device),
-        global_to_dispatch=torch.argsort(dispatch_order).to(device),
+        global_to_dispatch=global_to_dispatch.to(device),
         token_sample_id=torch.cat([sample_id, sample_id.new_full((padded_total - total,), -1)]).to(device),
-        query_blocks=query_blocks,
+        query_ranges=query_ranges,
         num_local_pad=num_local_pad,
+        key_index=None if key_index is None else key_index.to(device),
+        cu_seqlens_q=cumulative([r.length for r in query_ranges]),
+        cu_seqlens_k=cumulative([end - start for start, end in key_ranges]),
     )
 
 
@@ -301,14 +373,18 @@ def get_position_ids(key: DistAttnRuntimeKey) -> torch.Tensor:
 
 # --- dispatch / undispatch ---
 
+# torch 2.13 renamed these two collectives (the old names warn); older torch has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-def _all_gather_cat(x: torch.Tensor, key: DistAttnRuntimeKey) -> torch.Tensor:
-    """Concatenation of every rank's x in rank order (plain collective, no autograd)."""
-    if key.cp_size == 1:
+
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenation of every rank's x along dim 0, in rank order (plain collective, no autograd)."""
+    if dist.get_world_size(group) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(key.cp_size)]
-    dist.all_gather(parts, x.contiguous(), group=key.cp_group)
-    return torch.cat(parts)
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out
 
 
 class _GatherKV(torch.autograd.Function):
@@ -319,14 +395,12 @@ class _GatherKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        return _all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad = grad_out.new_empty((grad_out.shape[0] // dist.get_world_size(ctx.group), *grad_out.shape[1:]))
-        dist.reduce_scatter_tensor(grad, grad_out.contiguous(), group=ctx.group)
+        _reduce_scatter_single(grad, grad_out.contiguous(), group=ctx.group)
         return grad, None
 
 
@@ -345,7 +419,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_local):
         plan = ctx.key.plan
-        grad_gathered = _all_gather_cat(grad_local, ctx.key)
+        grad_gathered = _all_gather(grad_local, ctx.key.cp_group)
         return grad_gathered.index_select(0, plan.global_to_dispatch.to(grad_local.device)), None
 
 
@@ -356,7 +430,7 @@ class _Undispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local, key):
         ctx.key = key
-        gathered = _all_gather_cat(x_local, key)
+        gathered = _all_gather(x_local, key.cp_group)
         return gathered.index_select(0, key.plan.global_to_dispatch.to(x_local.device))[: key.total_seqlen]
 
     @staticmethod
@@ -390,6 +464,20 @@ class AttnForwardMeta:
     lse: torch.Tensor  # [local_tokens, num_heads_q] float32 (float64 for float64 q); -inf on pad tokens
 
 
+KERNEL_ENV = "MAGI_ATTENTION_KERNEL_BACKEND"
+KERNELS = ("auto", "fa4", "sdpa", "flex", "torch")
+logger = logging.getLogger(__name__)
+_logged_kernels = set()
+
+
+def _with_pad_tail(outs, lses, num_pad):
+    """Concatenate the outputs and lse of the query ranges (or blocks), then the pad tokens' zeros and -inf."""
+    if num_pad:
+        outs = [*outs, outs[0].new_zeros((num_pad, *outs[0].shape[1:]))]
+        lses = [*lses, lses[0].new_full((num_pad, lses[0].shape[1]), -math.inf)]
+    return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+
+
 def _attend_block(q, k, v, scale, causal):
     """Exact attention of q [lq, hq, d] to k/v [lk, hkv, d]; causal is bottom-right aligned.
     Grouped-query heads share a kv head without copying it: q head h uses kv head h // group."""
@@ -407,24 +495,72 @@ def _attend_block(q, k, v, scale, causal):
     return out, rearrange(lse, "hkv (g lq) -> lq (hkv g)", lq=num_q)
 
 
-def _attend_matmul(q, k_gathered, v_gathered, key, scale):
-    """CPU path: per block of local queries, the keys of its sample up to its end (if causal)."""
+def _attend_torch(q, k_gathered, v_gathered, key, scale):
+    """Matmuls, any device: each query range in blocks of at most chunk_size queries (so no block scores more than
+    chunk x sample pairs), against the keys of its sample up to the block's end (if causal)."""
     plan = key.plan
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     to_global = plan.global_to_dispatch.to(q.device)
     k_global = k_gathered.index_select(0, to_global).to(compute_dtype)
     v_global = v_gathered.index_select(0, to_global).to(compute_dtype)
     q = q.to(compute_dtype)
-    outs, lses = [], []
-    for q_start, q_len, k_start, k_end in plan.query_blocks:
-        out, lse = _attend_block(
-            q[q_start : q_start + q_len], k_global[k_start:k_end], v_global[k_start:k_end], scale, key.causal
-        )
-        outs.append(out)
-        lses.append(lse)
-    outs.append(q.new_zeros((plan.num_local_pad, *q.shape[1:])))
-    lses.append(q.new_full((plan.num_local_pad, q.shape[1]), -math.inf))
-    return torch.cat(outs), torch.cat(lses)
+    outs, lses = [q.new_zeros((0, *q.shape[1:]))], [q.new_zeros((0, q.shape[1]))]
+    for r in plan.query_ranges:
+        for offset in range(0, r.length, key.chunk_size):
+            num_q = min(key.chunk_size, r.length - offset)
+            keys = slice(r.sample_start, r.key_end(key.causal, offset + num_q))
+            q_start = r.local_start + offset
+            out, lse = _attend_block(q[q_start : q_start + num_q], k_global[keys], v_global[keys], scale, key.causal)
+            outs.append(out)
+            lses.append(lse)
+    return _with_pad_tail(outs, lses, plan.num_local_pad)
+
+
+def _fa4_unavailable(q) -> str | None:
+    """Why FlashAttention-4 cannot take q, or None if it can."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] not in (9, 10):
+        return "it runs on Hopper and Blackwell GPUs (compute capability 9.x or 10.x) only"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16 or fp16, got {q.dtype}"
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "flash_attn.cute is not installed (pip install -r requirements-gpu.txt)"
+    return None
+
+
+def _fa4_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    """FlashAttention-4's varlen kernel: batch i is queries [cu_q[i], cu_q[i+1]) against keys [cu_k[i], cu_k[i+1]),
+    causal bottom-right aligned. Returns out like q and lse [tokens, heads]."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out, lse = flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=causal, return_lse=True,
+    )
+    return out, lse.T  # FA4's varlen lse is [heads, tokens]
+
+
+def _attend_fa4(q, k_gathered, v_gathered, key, scale):
+    """One FlashAttention-4 call for all of this rank's query ranges. Each range gets its own copy of its keys
+    (its sample's, up to its end if causal), laid end to end: with GQA, K/V are a fraction of Q's size, and a
+    copy lets ranges of one sample share keys, which FA4's varlen layout cannot (its backward writes each
+    range's dK in place). The copy's backward adds the gradients of shared keys."""
+    plan = key.plan
+    num_valid = q.shape[0] - plan.num_local_pad
+    lengths_q = [r.length for r in plan.query_ranges]
+    lengths_k = [r.key_end(key.causal) - r.sample_start for r in plan.query_ranges]
+    if plan.key_index is None:  # the keys are the first gathered tokens, in order (CP 1): no copy
+        num_keys = sum(lengths_k)
+        k_ranges, v_ranges = (t.split([num_keys, len(t) - num_keys])[0] for t in (k_gathered, v_gathered))
+    else:
+        k_ranges, v_ranges = k_gathered.index_select(0, plan.key_index), v_gathered.index_select(0, plan.key_index)
+    if plan.num_local_pad:
+        # split, not slicing: the backward of a slice builds a zero gradient the size of q.
+        q = q.split([num_valid, plan.num_local_pad])[0]
+    out, lse = _fa4_varlen_attention(
+        q, k_ranges, v_ranges, plan.cu_seqlens_q, plan.cu_seqlens_k, max(lengths_q, default=0),
+        max(lengths_k, default=0), scale, key.causal,
+    )
+    return _with_pad_tail([out], [lse], plan.num_local_pad)
 
 
 _compiled_flex_attention = None  # compiled once per process, shared by all keys
@@ -458,21 +594,21 @@ def _flex_block_mask(key, device):
         k_sample = plan.token_sample_id.to(device)[k_pos]
         k_sample = torch.where(k_sample < 0, -2, k_sample)
         causal = key.causal
-        if key.cp_size == 1:
-            # Queries and keys are both in global order: the indices are the positions (the usual document mask,
-            # two gathers per score instead of four).
-            def mask_mod(batch, head, q_idx, kv_idx):
-                same_sample = q_sample[q_idx] == k_sample[kv_idx]
-                return same_sample & (kv_idx <= q_idx) if causal else same_sample
-        else:
-            def mask_mod(batch, head, q_idx, kv_idx):
-                same_sample = q_sample[q_idx] == k_sample[kv_idx]
-                return same_sample & (k_pos[kv_idx] <= q_pos[q_idx]) if causal else same_sample
+
+        def mask_mod(batch, head, q_idx, kv_idx):
+            same_sample = q_sample[q_idx] == k_sample[kv_idx]
+            return same_sample & (k_pos[kv_idx] <= q_pos[q_idx]) if causal else same_sample
 
         plan.block_mask = create_block_mask(
             mask_mod, B=None, H=None, Q_LEN=len(q_pos), KV_LEN=len(k_pos), device=device, _compile=True
         )
     return plan.block_mask
+
+
+def _attend_flex(q, k_gathered, v_gathered, key, scale):
+    q, k, v = (rearrange(t, "l h d -> 1 h l d") for t in (q, k_gathered, v_gathered))
+    out, lse = _flex_attention_with_lse(q, k, v, _flex_block_mask(key, q.device), scale)
+    return rearrange(out, "1 h l d -> l h d"), rearrange(lse, "1 h l -> l h")
 
 
 def _sdpa_with_lse(q, k, v, scale, causal):
@@ -495,41 +631,42 @@ def _sdpa_with_lse(q, k, v, scale, causal):
 
 def _sdpa_per_sample(q, k, v, key, scale):
     """CP 1: every sample is whole on this rank, so each one is a plain causal or full attention, run by the kernel
-    SDPA itself picks (cuDNN on Hopper); the pad tail gets zeros and an lse of -inf. None where SDPA's pick does not
-    return the lse, or where the samples average under DEFAULT_MAX_CHUNK_SIZE tokens: there a launch per sample
-    would likely cost more than one FlexAttention call (measured only with samples of 459 to 8192 tokens)."""
-    num_samples = len(key.cu_seqlens) - 1
-    if num_samples == 1 and key.pad_size == 0:
-        return _sdpa_with_lse(q, k, v, scale, key.causal)
-    if key.total_seqlen < num_samples * DEFAULT_MAX_CHUNK_SIZE:
-        return None
+    SDPA itself picks (cuDNN on Hopper); the pad tail gets zeros and an lse of -inf. q/k/v are [tokens, heads, d].
+    None where SDPA's pick does not return the lse."""
     # split, not slicing: the backward of a slice would build a zero gradient the size of q for every sample.
-    lengths = [end - start for start, end in zip(key.cu_seqlens[:-1], key.cu_seqlens[1:])] + [key.pad_size]
-    q_parts, k_parts, v_parts = (t.split(lengths, dim=2) for t in (q, k, v))
+    lengths = [r.length for r in key.plan.query_ranges] + [key.plan.num_local_pad]
+    q_parts, k_parts, v_parts = (rearrange(t, "l h d -> 1 h l d").split(lengths, dim=2) for t in (q, k, v))
     outs, lses = [], []
-    for i in range(num_samples):
-        if lengths[i] == 0:
-            continue
+    for i in range(len(lengths) - 1):
         result = _sdpa_with_lse(q_parts[i], k_parts[i], v_parts[i], scale, key.causal)
         if result is None:
             return None
-        outs.append(result[0])
-        lses.append(result[1])
-    outs.append(q.new_zeros((*q.shape[:2], key.pad_size, q.shape[3])))
-    lses.append(lses[0].new_full((*q.shape[:2], key.pad_size), -math.inf))
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        outs.append(rearrange(result[0], "1 h l d -> l h d"))
+        lses.append(rearrange(result[1], "1 h l -> l h"))
+    return _with_pad_tail(outs, lses, key.plan.num_local_pad)
 
 
-def _attend_cuda(q, k_gathered, v_gathered, key, scale):
-    """CUDA path. At CP 1, SDPA's own kernel per sample: cuDNN on Hopper (H100, fwd+bwd, d 64: causal 8192 at 404
-    TFLOP/s against 257 for compiled FlexAttention, 8 causal documents in 32768 tokens at 311 against 243). At CP > 1,
-    where a rank's chunks cut samples apart, compiled FlexAttention with the key's cached block mask."""
-    q, k, v = (rearrange(t, "l h d -> 1 h l d") for t in (q, k_gathered, v_gathered))
-    result = _sdpa_per_sample(q, k, v, key, scale) if key.cp_size == 1 else None
-    if result is None:
-        result = _flex_attention_with_lse(q, k, v, _flex_block_mask(key, q.device), scale)
-    out, lse = result
-    return rearrange(out, "1 h l d -> l h d"), rearrange(lse, "1 h l -> l h")
+def _pick_kernel(q, key) -> str:
+    """The kernel MAGI_ATTENTION_KERNEL_BACKEND names, checked; or by default the fastest that can run here:
+    FlashAttention-4, else at CP 1 SDPA's kernel per sample (where samples average at least DEFAULT_MAX_CHUNK_SIZE
+    tokens: for shorter ones a launch per sample likely costs more, not measured), else FlexAttention; on CPU, torch."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: use one of {', '.join(KERNELS)}.")
+    if choice == "auto":
+        if not q.is_cuda:
+            return "torch"
+        if _fa4_unavailable(q) is None:
+            return "fa4"
+        whole_samples = key.cp_size == 1 and key.total_seqlen >= len(key.plan.query_ranges) * DEFAULT_MAX_CHUNK_SIZE
+        return "sdpa" if whole_samples else "flex"
+    if choice == "fa4" and _fa4_unavailable(q) is not None:
+        raise RuntimeError(f"{KERNEL_ENV}=fa4, but FlashAttention-4 cannot run: {_fa4_unavailable(q)}.")
+    if choice in ("sdpa", "flex") and not q.is_cuda:
+        raise RuntimeError(f"{KERNEL_ENV}={choice} needs a CUDA device; unset it to use the torch kernel.")
+    if choice == "sdpa" and key.cp_size > 1:
+        raise RuntimeError(f"{KERNEL_ENV}=sdpa runs whole samples, at CP 1 only; this key has CP {key.cp_size}.")
+    return choice
 
 
 def calc_attn(
@@ -551,12 +688,23 @@ def calc_attn(
         got = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
         raise ValueError(f"calc_attn expects q {expected_q} and k/v {expected_kv}, got {got}")
     scale = key.head_dim**-0.5 if softmax_scale is None else softmax_scale
+    kernel = _pick_kernel(q, key)
 
     if key.cp_size > 1:
         # One all-gather for K and V together; its backward reduce-scatters dK/dV to their owners.
         kv = _GatherKV.apply(torch.cat([k, v], dim=1), key.cp_group)
         k, v = kv.split(key.num_heads_kv, dim=1)
 
-    attend = _attend_cuda if q.is_cuda else _attend_matmul
-    out, lse = attend(q, k, v, key, scale)
+    result = _sdpa_per_sample(q, k, v, key, scale) if kernel == "sdpa" else None
+    if kernel == "sdpa" and result is None:
+        if os.environ.get(KERNEL_ENV, "auto") == "sdpa":
+            raise RuntimeError(f"{KERNEL_ENV}=sdpa, but SDPA picks a kernel that does not return the lse here.")
+        kernel = "flex"
+    if result is None:
+        attend = {"fa4": _attend_fa4, "flex": _attend_flex, "torch": _attend_torch}[kernel]
+        result = attend(q, k, v, key, scale)
+    if kernel not in _logged_kernels:
+        _logged_kernels.add(kernel)
+        logger.info(f"calc_attn runs the {kernel} kernel ({q.device.type}, {q.dtype}, CP {key.cp_size})")
+    out, lse = result
     return out.to(q.dtype), AttnForwardMeta(lse=lse.to(torch.promote_types(q.dtype, torch.float32)))

@@ -51,6 +51,7 @@ for len in "$@"; do
       "${MODE_ARGS[@]}" > "$RUN_LOG" 2>&1
     rc=$?
     cat "$RUN_LOG" >> "$FULL_LOG"
+    grep -m1 -o "calc_attn runs the .*" "$RUN_LOG"
     grep E2E_RESULT "$RUN_LOG" || { echo "FAILED (exit $rc): $script $MODE $len"; tail -40 "$RUN_LOG"; }
   done
 done

@@ -45,7 +45,7 @@ def test_magi_attention_matches_sdpa_without_a_4d_mask(single_rank_group, monkey
 
     monkeypatch.setitem(run_magi_clm.ALL_ATTENTION_FUNCTIONS._global_mapping, "Magi_Attention", recording_forward)
 
-    cu_seqlens_q, cu_seqlens_k = magi_portable.infer_varlen_mask_from_batch(batch_size, seq_len)
+    cu_seqlens_q, cu_seqlens_k = magi_portable.infer_varlen_mask_from_batch(batch_size, seq_len, device="cpu")
     key = magi_portable.magi_attn_varlen_key(
         cu_seqlens_q, cu_seqlens_k, 4, 2, 8, pad_size=magi_portable.compute_pad_size(63, 1, 8),
         cp_group_or_mesh=single_rank_group, causal=True, chunk_size=8,

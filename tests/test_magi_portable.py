@@ -32,7 +32,7 @@ def test_small_helpers():
     assert magi.compute_pad_size(100, 4, 8) == 28
     assert magi.compute_pad_size(128, 4, 8) == 0
     assert magi.squash_batch_dim(torch.zeros(3, 5, 7)).shape == (15, 7)
-    cu_q, cu_k = magi.infer_varlen_mask_from_batch(3, 5)
+    cu_q, cu_k = magi.infer_varlen_mask_from_batch(3, 5, device="cpu")
     assert cu_q.dtype == torch.int32 and cu_q.tolist() == [0, 5, 10, 15] and cu_k.tolist() == cu_q.tolist()
     assert magi.default_chunk_size(8192, 8) == 128 and magi.default_chunk_size(10**6, 8) == 512
 
@@ -51,6 +51,19 @@ def test_balance_causal_8192_cp8():
     _check_assignment(rank_chunks, rank_areas, [0, 8192], True, 512, 8192)
     assert magi.area_imbalance(rank_areas) <= 1.05
     assert any(chunks[1] != chunks[0] + 1 for chunks in rank_chunks)  # non-contiguous shards
+
+
+@pytest.mark.parametrize("cp_size", [2, 4, 8])
+def test_one_causal_sample_is_cut_into_a_head_and_a_tail_per_rank(cp_size):
+    # FlashAttention-4 attends each contiguous query range of a rank in one call: the plan keeps them few.
+    chunk_size = magi.default_chunk_size(131072, cp_size)
+    rank_chunks, rank_areas = magi.assign_chunks([0, 131072], True, chunk_size, cp_size, 131072)
+    _check_assignment(rank_chunks, rank_areas, [0, 131072], True, chunk_size, 131072)
+    assert magi.area_imbalance(rank_areas) == 1.0
+    for chunks in rank_chunks:
+        ranges, num_pad = magi._query_ranges(chunks, chunk_size, [0, 131072])
+        assert 1 <= len(ranges) <= 2 and num_pad == 0
+        assert sum(r.length for r in ranges) == 131072 // cp_size
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -180,6 +193,23 @@ def check_key_and_layout(group, gen):
         magi.magi_attn_varlen_key(cu, torch.tensor([0, 101]), *heads, pad_size, group, chunk_size=8)
 
 
+FA4_CALLS = []
+
+
+def fa4_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    """FlashAttention-4's varlen semantics in float64 on the CPU: batch i is queries [cu_q[i], cu_q[i+1]) against
+    keys [cu_k[i], cu_k[i+1]), causal bottom-right aligned."""
+    FA4_CALLS.append(len(cu_seqlens_q) - 1)
+    assert q.shape[0] == cu_seqlens_q[-1] and k.shape[0] == v.shape[0] == cu_seqlens_k[-1]
+    assert max_seqlen_q == max(torch.diff(cu_seqlens_q)) and max_seqlen_k == max(torch.diff(cu_seqlens_k))
+    outs, lses = [], []
+    for q_start, q_end, k_start, k_end in zip(cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:]):
+        out, lse = magi._attend_block(q[q_start:q_end], k[k_start:k_end], v[k_start:k_end], scale, causal)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
 def cp_worker(rank, cp_size, store_path, results):
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -202,6 +232,15 @@ def cp_worker(rank, cp_size, store_path, results):
         key = run_case(group, random_cu_seqlens(gen, 90, 3), True, 8, torch.float64, gen, softmax_scale=0.3)
         if cp_size > 1:
             assert len(key.plan.rank_chunks[0]) >= 2
+        # The fa4 kernel's layout (query ranges, a copy of each one's keys, the pad tail, the gradients of keys
+        # that several ranges share), with a float64 CPU stand-in for FlashAttention-4's varlen call.
+        magi._fa4_varlen_attention = fa4_stand_in
+        magi._fa4_unavailable = lambda q: None
+        os.environ[magi.KERNEL_ENV] = "fa4"
+        for causal in (True, False):
+            run_case(group, [0, 157], causal, 8, torch.float64, gen)
+            run_case(group, random_cu_seqlens(gen, 203, 5), causal, 8, torch.float64, gen)
+        assert FA4_CALLS and all(n == len(magi.get_most_recent_key(group).plan.query_ranges) for n in FA4_CALLS[-1:])
         torch.distributed.destroy_process_group()
         results.put((rank, None))
     except BaseException:
@@ -238,10 +277,10 @@ def test_distributed_attention_matches_reference(cp_size, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-def test_cuda_path_calls_the_kernel_once_per_sample(monkeypatch):
-    """At CP 1 the CUDA path runs SDPA's kernel once per sample and pads the tail. That kernel is CUDA-only, so a CPU
-    stand-in takes its place (bench/attention.py checks the real one on a GPU): this tests the cutting into samples,
-    empty samples, the pad tail and the gradients through them, against the float64 reference."""
+def test_sdpa_kernel_runs_once_per_sample(monkeypatch):
+    """At CP 1 the sdpa kernel runs SDPA's kernel once per sample and pads the tail. That kernel is CUDA-only, so a
+    CPU stand-in takes its place (bench/attention.py checks the real one on a GPU): this tests the cutting into
+    samples, empty samples, the pad tail and the gradients through them, against the float64 reference."""
     calls = []
 
     def sdpa_stand_in(q, k, v, scale, causal):
@@ -253,8 +292,7 @@ def test_cuda_path_calls_the_kernel_once_per_sample(monkeypatch):
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         gen = torch.Generator().manual_seed(0)
-        cases = [([0, 700, 700, 1800], True, [700, 1100]), ([0, 1100], False, [1100]), ([0, 1024], True, [1024]),
-                 ([0, 100, 300], True, None)]  # samples under 512 tokens on average: FlexAttention instead
+        cases = [([0, 700, 700, 1800], True, [700, 1100]), ([0, 1100], False, [1100]), ([0, 1024], True, [1024])]
         for cu_seqlens, causal, expected_calls in cases:
             calls.clear()
             total = cu_seqlens[-1]
@@ -265,13 +303,8 @@ def test_cuda_path_calls_the_kernel_once_per_sample(monkeypatch):
                                             torch.distributed.group.WORLD, causal=causal, chunk_size=chunk_size)
             q, k, v = (torch.randn(total, heads, HEAD_DIM, generator=gen, dtype=torch.float64, requires_grad=True)
                        for heads in (HEADS_Q, HEADS_KV, HEADS_KV))
-            local = [rearrange(magi.dispatch(t, key), "l h d -> 1 h l d") for t in (q, k, v)]
-            result = magi._sdpa_per_sample(*local, key, HEAD_DIM**-0.5)
-            if expected_calls is None:
-                assert result is None and calls == []
-                continue
+            out, lse = magi._sdpa_per_sample(*(magi.dispatch(t, key) for t in (q, k, v)), key, HEAD_DIM**-0.5)
             assert calls == expected_calls
-            out, lse = rearrange(result[0], "1 h l d -> l h d"), rearrange(result[1], "1 h l -> l h")
             assert out[total:].eq(0).all() and lse[total:].eq(-math.inf).all()
             ref_out, ref_lse = reference_attention(q, k, v, cu_seqlens, causal, HEAD_DIM**-0.5)
             grad_out, grad_lse = torch.randn_like(ref_out), torch.randn_like(ref_lse)
@@ -279,6 +312,29 @@ def test_cuda_path_calls_the_kernel_once_per_sample(monkeypatch):
             ref_grads = torch.autograd.grad((ref_out * grad_out).sum() + (ref_lse * grad_lse).sum(), (q, k, v))
             for got, want in [(out[:total], ref_out), (lse[:total], ref_lse), *zip(grads, ref_grads)]:
                 assert (got - want).abs().max() < 1e-10
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_kernel_choice(monkeypatch):
+    """On CPU the default kernel is torch, and a forced kernel that cannot run here says why."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        cu = torch.tensor([0, 64])
+        key = magi.magi_attn_varlen_key(cu, cu, HEADS_Q, HEADS_KV, HEAD_DIM, 0, torch.distributed.group.WORLD,
+                                        causal=True, chunk_size=16)
+        q = torch.randn(64, HEADS_Q, HEAD_DIM, dtype=torch.bfloat16)
+        kv = torch.randn(64, HEADS_KV, HEAD_DIM, dtype=torch.bfloat16)
+        monkeypatch.delenv(magi.KERNEL_ENV, raising=False)
+        assert magi._pick_kernel(q, key) == "torch"
+        for choice, message in [("fa4", "FlashAttention-4 cannot run: it runs on Hopper and Blackwell GPUs"),
+                                ("flex", "needs a CUDA device"), ("sdpa", "needs a CUDA device"),
+                                ("cudnn", "use one of auto, fa4, sdpa, flex, torch")]:
+            monkeypatch.setenv(magi.KERNEL_ENV, choice)
+            with pytest.raises((RuntimeError, ValueError), match=message):
+                magi.calc_attn(q, kv, kv, key)
+        monkeypatch.setenv(magi.KERNEL_ENV, "torch")
+        assert magi.calc_attn(q, kv, kv, key)[0].shape == q.shape
     finally:
         torch.distributed.destroy_process_group()
 
