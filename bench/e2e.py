@@ -3,6 +3,8 @@
     torchrun --standalone --nproc_per_node 1 bench/e2e.py --results bench/results/e2e.jsonl \
         run_magi_clm.py --cp_size 1 --block_size 8192 ... (the script's own arguments)
 
+With several processes, tokens/s count one batch per data-parallel replica (processes / --cp_size).
+
 The script runs as __main__ through runpy. Around it, never inside its training step, this adds:
 - a TrainerCallback (through transformers.trainer.DEFAULT_CALLBACKS) that synchronizes the GPU at the end of every
   step and times the steps after --warmup_steps;
@@ -67,9 +69,12 @@ def main():
     if args.warmup_steps < 1:
         parser.error("--warmup_steps must be at least 1: the first step has no start time")
     script_arg = {name: value for name, value in zip(args.script_args, args.script_args[1:])}
-    if os.environ.get("WORLD_SIZE", "1") != "1" or "--gradient_accumulation_steps" in script_arg:
-        raise SystemExit("bench/e2e.py counts tokens for one process without gradient accumulation.")
-    tokens_per_step = int(script_arg["--block_size"]) * int(script_arg.get("--per_device_train_batch_size", 8))
+    if "--gradient_accumulation_steps" in script_arg:
+        raise SystemExit("bench/e2e.py counts the tokens of a step without gradient accumulation.")
+    # One batch per data-parallel replica: the ranks of a CP group share theirs.
+    data_parallel = int(os.environ.get("WORLD_SIZE", 1)) // int(script_arg.get("--cp_size", 1))
+    tokens_per_step = int(script_arg["--block_size"]) * int(script_arg.get("--per_device_train_batch_size", 8)) \
+        * data_parallel
 
     timer = StepTimer(args.profile_step)
     transformers.trainer.DEFAULT_CALLBACKS.append(timer)
@@ -84,7 +89,8 @@ def main():
     Trainer.save_model = lambda self, *a, **kw: None
     Trainer.save_state = lambda self: None
 
-    result = {"script": os.path.basename(args.script), "tokens_per_step": tokens_per_step,
+    result = {"script": os.path.basename(args.script), "cp_size": int(script_arg.get("--cp_size", 1)),
+              "processes": int(os.environ.get("WORLD_SIZE", 1)), "tokens_per_step": tokens_per_step,
               "weights_dtype": args.weights_dtype,
               "gradient_checkpointing": "--gradient_checkpointing" in args.script_args,
               "liger": "--use_liger_kernel" in args.script_args}
@@ -104,9 +110,10 @@ def main():
                       tokens_per_s=round(tokens_per_step / step_s), step_times_s=step_times, losses=timer.losses)
     result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
                   peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
-    print("E2E_RESULT " + json.dumps(result), flush=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # memory is rank 0's: the ranks of a CP group hold equal shards
+        print("E2E_RESULT " + json.dumps(result), flush=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #   bash bench/e2e.sh plain 8192 16384               # no gradient checkpointing, HF's cross-entropy on full logits
 #   bash bench/e2e.sh gc_liger 8192 32768 131072     # gradient checkpointing + liger's fused linear cross-entropy
 #   WEIGHTS=bfloat16 bash bench/e2e.sh ...           # bf16 weights/gradients/AdamW state (default: float32)
+#   NPROC=2 SCRIPTS=run_magi_clm.py bash bench/e2e.sh gc_liger 262144   # CP over 2 GPUs (--cp_size NPROC)
 # Model: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied embeddings),
 # random init, bf16 autocast, batch 1, fused AdamW, on the embedded default corpus. Results: $RESULTS (JSON lines).
 set -uo pipefail
@@ -16,6 +17,7 @@ WEIGHTS=${WEIGHTS:-float32}   # bfloat16: weights, gradients and AdamW state in 
 FULL_LOG=${FULL_LOG:-/tmp/e2e_full.log}   # every run's whole output, appended
 RUN_LOG=$(mktemp)
 SCRIPTS=${SCRIPTS:-"run_origin_clm.py run_magi_clm.py"}
+NPROC=${NPROC:-1}   # run_magi_clm.py gets --cp_size NPROC: one CP group over all of them
 case $MODE in
   plain) MODE_ARGS=() ;;
   gc_liger) MODE_ARGS=(--gradient_checkpointing --use_liger_kernel) ;;
@@ -42,8 +44,8 @@ for len in "$@"; do
   # Long steps take long: fewer of them (the first steps compile, allocate the optimizer state and warm up).
   if [ "$len" -ge 131072 ]; then steps=$(( len >= 262144 ? 2 : 3 )); warmup=1; else steps=10; warmup=3; fi
   for script in $SCRIPTS; do
-    extra=(); [ "$script" = run_magi_clm.py ] && extra=(--cp_size 1)
-    torchrun --standalone --nproc_per_node 1 bench/e2e.py --results "$RESULTS" --warmup_steps $warmup --weights_dtype $WEIGHTS \
+    extra=(); [ "$script" = run_magi_clm.py ] && extra=(--cp_size $NPROC)
+    torchrun --standalone --nproc_per_node $NPROC bench/e2e.py --results "$RESULTS" --warmup_steps $warmup --weights_dtype $WEIGHTS \
       "$script" "${extra[@]}" --model_type llama --config_overrides "$MODEL,max_position_embeddings=$len" \
       --block_size "$len" --per_device_train_batch_size 1 --bf16 --optim adamw_torch_fused \
       --max_steps $steps --logging_steps 1 --save_strategy no --report_to none --do_train \
