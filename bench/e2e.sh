@@ -4,6 +4,7 @@
 #   bash bench/e2e.sh gc_liger 8192 32768 131072     # gradient checkpointing + liger's fused linear cross-entropy
 #   WEIGHTS=bfloat16 bash bench/e2e.sh ...           # bf16 weights/gradients/AdamW state (default: float32)
 #   NPROC=2 SCRIPTS=run_magi_clm.py bash bench/e2e.sh gc_liger 262144   # CP over 2 GPUs (--cp_size NPROC)
+#   EXTRA_ARGS="--document_masking" bash bench/e2e.sh ...                # more arguments for both scripts
 # Model: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied embeddings),
 # random init, bf16 autocast, batch 1, fused AdamW, on the embedded default corpus. Results: $RESULTS (JSON lines).
 set -uo pipefail
@@ -50,7 +51,7 @@ for len in "$@"; do
       --block_size "$len" --per_device_train_batch_size 1 --bf16 --optim adamw_torch_fused \
       --max_steps $steps --logging_steps 1 --save_strategy no --report_to none --do_train \
       --output_dir /tmp/e2e_out --overwrite_output_dir --disable_tqdm true "${DATA_ARGS[@]}" \
-      "${MODE_ARGS[@]}" > "$RUN_LOG" 2>&1
+      "${MODE_ARGS[@]}" ${EXTRA_ARGS:-} > "$RUN_LOG" 2>&1
     rc=$?
     cat "$RUN_LOG" >> "$FULL_LOG"
     grep -m1 -o "calc_attn runs the .*" "$RUN_LOG"
