@@ -77,18 +77,18 @@ def test_the_baseline_mask_runs_each_document_on_its_own(attn_implementation):
     assert pieces > 2 * len(features)  # the blocks do hold several documents
 
 
-def scenes_of_the_default_corpus():
-    """The embedded training text cut before each scene heading: 727 documents of 84 to 35k tokens (and the 482k
-    tokens before the first heading, texts without scenes)."""
-    text = Path(embedded_default.prepare_default_corpus()[0]).read_text()
-    return [scene for scene in re.split(r"\n(?=(?:SCENE|Scene) )", text) if scene.strip()]
+# The embedded training text cut into documents before each scene heading (727 scenes of 84 to 35k tokens, and the
+# 482k tokens before the first heading: texts without scenes) or at each blank line (40596 speeches, half of them
+# under 22 tokens, up to 24k).
+CUTS = {"scenes": r"\n(?=(?:SCENE|Scene) )", "speeches": r"\n\n"}
 
 
-def balance_of_the_scenes(tokenizer):
-    """Each block of the scenes, as one CP 4 group gets it with one sample per device: the busiest rank's attention
+def balance(tokenizer, cut):
+    """Each block of the cut corpus, as one CP 4 group gets it with one sample per device: the busiest rank's attention
     area / mean for the planner's chunks and for equal contiguous slices of the block."""
-    blocks = group_texts(tokenize_documents(tokenizer, scenes_of_the_default_corpus()), BALANCE_BLOCK_SIZE,
-                         document_masking=True)
+    text = Path(embedded_default.prepare_default_corpus()[0]).read_text()
+    documents = [document for document in re.split(CUTS[cut], text) if document.strip()]
+    blocks = group_texts(tokenize_documents(tokenizer, documents), BALANCE_BLOCK_SIZE, document_masking=True)
     planned, contiguous = [], []
     for positions in blocks["position_ids"]:
         positions = torch.tensor(positions)
@@ -105,15 +105,17 @@ def balance_of_the_scenes(tokenizer):
 
 
 def test_document_masked_blocks_of_scenes_are_balanced_over_4_ranks(tokenizer):
-    planned, contiguous = balance_of_the_scenes(tokenizer)
+    planned, contiguous = balance(tokenizer, "scenes")
     assert len(planned) > 200
     assert max(planned) <= 1.05
     assert statistics.mean(contiguous) > 1.3  # what the planner is for: equal slices would be far off
 
 
 if __name__ == "__main__":
-    planned, contiguous = balance_of_the_scenes(AutoTokenizer.from_pretrained(embedded_default.prepare_default_corpus()[2]))
-    print(f"{len(planned)} blocks of {BALANCE_BLOCK_SIZE} tokens of scenes at CP {BALANCE_CP_SIZE}, busiest rank's "
-          "attention area / mean, mean and worst block:")
-    print(f"  planner's chunks:        {statistics.mean(planned):.3f}  {max(planned):.3f}")
-    print(f"  equal contiguous slices: {statistics.mean(contiguous):.3f}  {max(contiguous):.3f}")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_default.prepare_default_corpus()[2])
+    print(f"Blocks of {BALANCE_BLOCK_SIZE} tokens at CP {BALANCE_CP_SIZE}: busiest rank's attention area / mean, "
+          "mean and worst over the blocks")
+    for cut in CUTS:
+        planned, contiguous = balance(tokenizer, cut)
+        print(f"{cut} ({len(planned)} blocks): planner's chunks {statistics.mean(planned):.3f}, {max(planned):.3f}; "
+              f"equal contiguous slices {statistics.mean(contiguous):.3f}, {max(contiguous):.3f}")
