@@ -335,7 +335,7 @@ def load_raw_datasets(data_args, model_args):
 
 def tokenize_documents(tokenizer, texts):
     """--document_masking: the token ids of each text, closed by the tokenizer's end-of-text token. No attention_mask:
-    the document mask is built per batch."""
+    the documents' mask comes from the position ids that group_texts adds."""
     documents = tokenizer(texts, return_attention_mask=False)["input_ids"]
     return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in documents]}
 

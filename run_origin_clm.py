@@ -184,7 +184,7 @@ def load_raw_datasets(data_args, model_args):
 
 def tokenize_documents(tokenizer, texts):
     """--document_masking: the token ids of each text, closed by the tokenizer's end-of-text token. No attention_mask:
-    the document mask is built per batch."""
+    the documents' mask comes from the position ids that group_texts adds."""
     documents = tokenizer(texts, return_attention_mask=False)["input_ids"]
     return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in documents]}
 
@@ -336,10 +336,11 @@ def main():
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
         logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
 
-    # The document mask goes to the model as a 4D mask: only models that take one as it is.
-    takes_4d_mask = model.config._attn_implementation in ("eager", "sdpa") and hasattr(model, "get_decoder") \
-        and hasattr(model.get_decoder(), "_update_causal_mask")
-    if data_args.document_masking and not takes_4d_mask:
+    # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it is.
+    if data_args.document_masking and not (
+        model.config._attn_implementation in ("eager", "sdpa")
+        and hasattr(model, "get_decoder") and hasattr(model.get_decoder(), "_update_causal_mask")
+    ):
         raise ValueError(
             f"{type(model).__name__} with {model.config._attn_implementation} attention cannot take the document "
             "mask: --document_masking needs a model that builds its mask in _update_causal_mask (Llama, Mistral, "
