@@ -148,6 +148,22 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Processes used for preprocessing"}
     )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files"})
+    text_sample_by: str = field(
+        default="line",
+        metadata={
+            "help": "What one example (one document, for --document_masking) of a .txt file is: a line (as run_clm), "
+            "a paragraph (text between blank lines) or the whole file (datasets' text loader's sample_by)",
+            "choices": ["line", "paragraph", "document"],
+        },
+    )
+    document_masking: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack documents (the dataset's examples) with a document mask: an end-of-text token after each, "
+            "attention only within a document, position ids from 0 at each document start, and no token trained "
+            "to predict the next document"
+        },
+    )
 
     def __post_init__(self):
         for name in ("train_file", "validation_file"):
@@ -231,12 +247,17 @@ class MagiTrainer(Trainer):
         batch_size, seq_len = input_ids.shape
         config = self.model.config
 
-        # Each sample is its own causal sequence in one flattened token stream, cut into chunks over the CP group.
-        cu_seqlens_q, cu_seqlens_k = magi_api.infer_varlen_mask_from_batch(batch_size, seq_len, device=input_ids.device)
+        # Each sample is its own causal sequence in one flattened token stream, cut into chunks over the CP group; with
+        # --document_masking each document is, and the batch has position ids that start at 0 at each (see group_texts).
+        if "position_ids" in inputs:
+            position_ids = inputs["position_ids"].flatten()
+        else:
+            position_ids = torch.arange(seq_len, device=input_ids.device).repeat(batch_size)
+        cu_seqlens = F.pad((position_ids == 0).nonzero().flatten(), (0, 1), value=position_ids.numel()).to(torch.int32)
         chunk_size = default_chunk_size(batch_size * seq_len, self.cp_size)
         key = magi_api.magi_attn_varlen_key(
-            cu_seqlens_q,
-            cu_seqlens_k,
+            cu_seqlens,
+            cu_seqlens,
             num_heads_q=config.num_attention_heads,
             num_heads_kv=config.num_key_value_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
@@ -246,14 +267,15 @@ class MagiTrainer(Trainer):
             chunk_size=chunk_size,
         )
         if key != self.magi_attn_key and hasattr(key, "attn_area_imbalance"):  # a new plan, from magi_portable
-            logger.info(f"CP plan for {batch_size} samples x {seq_len} tokens: chunks of {chunk_size} tokens over "
-                        f"{self.cp_size} ranks, busiest rank's attention area / mean: {key.attn_area_imbalance:.3f}")
+            logger.info(f"CP plan for {batch_size} samples x {seq_len} tokens, {len(cu_seqlens) - 1} causal sequences: "
+                        f"chunks of {chunk_size} tokens over {self.cp_size} ranks, busiest rank's attention area / "
+                        f"mean: {key.attn_area_imbalance:.3f}")
         self.magi_attn_key = key
         # Shift the labels before dispatch, so that each rank holds the targets of its own tokens.
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         return {
             "input_ids": magi_api.dispatch(input_ids.flatten(), self.magi_attn_key).unsqueeze(0),
-            "position_ids": (magi_api.get_position_ids(self.magi_attn_key) % seq_len).unsqueeze(0),
+            "position_ids": magi_api.dispatch(position_ids, self.magi_attn_key).unsqueeze(0),
             "magi_attn_key": self.magi_attn_key,
             "shift_labels": magi_api.dispatch(shift_labels.flatten(), self.magi_attn_key, pad_value=-100).unsqueeze(0),
             "num_label_tokens": (shift_labels != -100).sum(),
@@ -299,7 +321,8 @@ def load_raw_datasets(data_args, model_args):
                 raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
         extension = data_args.train_file.split(".")[-1]
         loader = "text" if extension == "txt" else extension
-        loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if loader == "text" else {}
+        loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks, "sample_by": data_args.text_sample_by} \
+            if loader == "text" else {}
         raw = load_dataset(loader, data_files=data_files, **loader_kwargs, **hub_kwargs)
         source = (loader,)
         loader_kwargs["data_files"] = data_files
@@ -310,12 +333,35 @@ def load_raw_datasets(data_args, model_args):
     return raw
 
 
-def group_texts(examples, block_size):
-    """Concatenate a batch of tokenized texts and cut it into blocks; the remainder that does not fill a block is dropped."""
+def tokenize_documents(tokenizer, texts):
+    """--document_masking: the token ids of each text, closed by the tokenizer's end-of-text token. No attention_mask:
+    the documents' mask comes from the position ids that group_texts adds."""
+    documents = tokenizer(texts, return_attention_mask=False)["input_ids"]
+    return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in documents]}
+
+
+def group_texts(examples, block_size, document_masking=False):
+    """Concatenate a batch of tokenized texts and cut it into blocks; the remainder that does not fill a block is dropped.
+
+    With document_masking, each text is a document and each block gets position_ids that start at 0 at each document
+    start and at the block's start (a document cut by the block border goes on as a new one: it cannot see its
+    beginning), and the first token of each document is no target (label -100): nothing learns to predict a document
+    from the end of the one before. Both scripts find the documents' starts where position_ids are 0."""
     concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
     total_length = (len(concatenated["input_ids"]) // block_size) * block_size
     result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
     result["labels"] = result["input_ids"].copy()
+    if document_masking:
+        document_positions = list(chain(*(range(len(ids)) for ids in examples["input_ids"])))
+        result["position_ids"] = []
+        for i in range(0, total_length, block_size):
+            positions = document_positions[i : i + block_size]
+            first_start = positions.index(0) if 0 in positions else block_size
+            result["position_ids"].append([p - positions[0] for p in positions[:first_start]] + positions[first_start:])
+        result["labels"] = [
+            [-100 if p == 0 else token for token, p in zip(ids, positions)]
+            for ids, positions in zip(result["input_ids"], result["position_ids"])
+        ]
     return result
 
 
@@ -402,6 +448,11 @@ def main():
         )
     else:
         raise ValueError("Training a new tokenizer is not done here: give --tokenizer_name or --model_name_or_path.")
+    if data_args.document_masking and tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
+            f"{type(tokenizer).__name__} has none: use a tokenizer with an eos_token, or drop --document_masking."
+        )
 
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, **hub_kwargs)
@@ -471,6 +522,8 @@ def main():
     text_column_name = "text" if "text" in column_names else column_names[0]
 
     def tokenize_function(examples):
+        if data_args.document_masking:
+            return tokenize_documents(tokenizer, examples[text_column_name])
         return tokenizer(examples[text_column_name])
 
     with training_args.main_process_first(desc="dataset map tokenization"):
@@ -490,7 +543,11 @@ def main():
             "load_from_cache_file": not data_args.overwrite_cache,
             "desc": f"Grouping texts in chunks of {block_size}",
         }
-        lm_datasets = tokenized_datasets.map(partial(group_texts, block_size=block_size), batched=True, **map_kwargs)
+        lm_datasets = tokenized_datasets.map(
+            partial(group_texts, block_size=block_size, document_masking=data_args.document_masking),
+            batched=True,
+            **map_kwargs,
+        )
 
     def checked_split(split, max_samples):
         dataset = lm_datasets[split]
@@ -530,7 +587,7 @@ def main():
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=default_data_collator,  # with --document_masking too: the MagiAttention key carries the mask
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )

@@ -129,6 +129,22 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Processes used for preprocessing"}
     )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when reading .txt files"})
+    text_sample_by: str = field(
+        default="line",
+        metadata={
+            "help": "What one example (one document, for --document_masking) of a .txt file is: a line (as run_clm), "
+            "a paragraph (text between blank lines) or the whole file (datasets' text loader's sample_by)",
+            "choices": ["line", "paragraph", "document"],
+        },
+    )
+    document_masking: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack documents (the dataset's examples) with a document mask: an end-of-text token after each, "
+            "attention only within a document, position ids from 0 at each document start, and no token trained "
+            "to predict the next document"
+        },
+    )
 
     def __post_init__(self):
         for name in ("train_file", "validation_file"):
@@ -154,7 +170,8 @@ def load_raw_datasets(data_args, model_args):
                 raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
         extension = data_args.train_file.split(".")[-1]
         loader = "text" if extension == "txt" else extension
-        loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if loader == "text" else {}
+        loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks, "sample_by": data_args.text_sample_by} \
+            if loader == "text" else {}
         raw = load_dataset(loader, data_files=data_files, **loader_kwargs, **hub_kwargs)
         source = (loader,)
         loader_kwargs["data_files"] = data_files
@@ -165,13 +182,49 @@ def load_raw_datasets(data_args, model_args):
     return raw
 
 
-def group_texts(examples, block_size):
-    """Concatenate a batch of tokenized texts and cut it into blocks; the remainder that does not fill a block is dropped."""
+def tokenize_documents(tokenizer, texts):
+    """--document_masking: the token ids of each text, closed by the tokenizer's end-of-text token. No attention_mask:
+    the documents' mask comes from the position ids that group_texts adds."""
+    documents = tokenizer(texts, return_attention_mask=False)["input_ids"]
+    return {"input_ids": [ids + [tokenizer.eos_token_id] for ids in documents]}
+
+
+def group_texts(examples, block_size, document_masking=False):
+    """Concatenate a batch of tokenized texts and cut it into blocks; the remainder that does not fill a block is dropped.
+
+    With document_masking, each text is a document and each block gets position_ids that start at 0 at each document
+    start and at the block's start (a document cut by the block border goes on as a new one: it cannot see its
+    beginning), and the first token of each document is no target (label -100): nothing learns to predict a document
+    from the end of the one before. Both scripts find the documents' starts where position_ids are 0."""
     concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
     total_length = (len(concatenated["input_ids"]) // block_size) * block_size
     result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
     result["labels"] = result["input_ids"].copy()
+    if document_masking:
+        document_positions = list(chain(*(range(len(ids)) for ids in examples["input_ids"])))
+        result["position_ids"] = []
+        for i in range(0, total_length, block_size):
+            positions = document_positions[i : i + block_size]
+            first_start = positions.index(0) if 0 in positions else block_size
+            result["position_ids"].append([p - positions[0] for p in positions[:first_start]] + positions[first_start:])
+        result["labels"] = [
+            [-100 if p == 0 else token for token, p in zip(ids, positions)]
+            for ids, positions in zip(result["input_ids"], result["position_ids"])
+        ]
     return result
+
+
+def collate_with_document_mask(features, dtype):
+    """default_data_collator, plus the blocks' document mask as a [batch, 1, seq, seq] additive attention mask, which
+    the model's eager and SDPA attention take as it is: each token attends to itself and the earlier tokens of its
+    own document. Documents start where position_ids are 0 (see group_texts)."""
+    batch = default_data_collator(features)
+    document_ids = (batch["position_ids"] == 0).cumsum(dim=1)
+    seq_len = document_ids.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed = (document_ids[:, None, :, None] == document_ids[:, None, None, :]) & causal
+    batch["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return batch
 
 
 def main():
@@ -243,6 +296,11 @@ def main():
         )
     else:
         raise ValueError("Training a new tokenizer is not done here: give --tokenizer_name or --model_name_or_path.")
+    if data_args.document_masking and tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
+            f"{type(tokenizer).__name__} has none: use a tokenizer with an eos_token, or drop --document_masking."
+        )
 
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, **hub_kwargs)
@@ -278,6 +336,17 @@ def main():
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
         logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
 
+    # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it is.
+    if data_args.document_masking and not (
+        model.config._attn_implementation in ("eager", "sdpa")
+        and hasattr(model, "get_decoder") and hasattr(model.get_decoder(), "_update_causal_mask")
+    ):
+        raise ValueError(
+            f"{type(model).__name__} with {model.config._attn_implementation} attention cannot take the document "
+            "mask: --document_masking needs a model that builds its mask in _update_causal_mask (Llama, Mistral, "
+            "Qwen2, ...) with eager or sdpa attention."
+        )
+
     # Grow the embeddings only when the tokenizer has more tokens: shrinking would break loaded weights.
     embedding_size = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embedding_size:
@@ -307,6 +376,8 @@ def main():
     text_column_name = "text" if "text" in column_names else column_names[0]
 
     def tokenize_function(examples):
+        if data_args.document_masking:
+            return tokenize_documents(tokenizer, examples[text_column_name])
         return tokenizer(examples[text_column_name])
 
     with training_args.main_process_first(desc="dataset map tokenization"):
@@ -326,7 +397,11 @@ def main():
             "load_from_cache_file": not data_args.overwrite_cache,
             "desc": f"Grouping texts in chunks of {block_size}",
         }
-        lm_datasets = tokenized_datasets.map(partial(group_texts, block_size=block_size), batched=True, **map_kwargs)
+        lm_datasets = tokenized_datasets.map(
+            partial(group_texts, block_size=block_size, document_masking=data_args.document_masking),
+            batched=True,
+            **map_kwargs,
+        )
 
     def checked_split(split, max_samples):
         dataset = lm_datasets[split]
@@ -364,7 +439,8 @@ def main():
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=partial(collate_with_document_mask, dtype=model.dtype) if data_args.document_masking
+        else default_data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )

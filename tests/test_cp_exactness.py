@@ -2,11 +2,13 @@
 launchers with the same global batch, compared step by step.
 
 Every run uses 2 samples per device and blocks of 100 tokens: 200 tokens per batch, which no cp x chunk
-divides at cp 2 or 4 (chunk 13 or 7), so the padded path is exercised throughout.
+divides at cp 2 or 4 (chunk 13 or 7), so the padded path is exercised throughout. With --document_masking the
+documents are the text's paragraphs (speeches, mostly tens of tokens), so the blocks hold several each.
 """
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = 10
 GLOBAL_BATCH = 4
 COMMON_ARGS = ["--block_size", "100", "--max_eval_samples", "12", "--save_strategy", "no", "--warmup_steps", "2"]
+DOCUMENT_ARGS = ["--document_masking", "--text_sample_by", "paragraph"]
 
 
 def launch(script, output_dir, nproc, cp_size=None, extra=()):
@@ -39,13 +42,25 @@ def launch(script, output_dir, nproc, cp_size=None, extra=()):
     }
 
 
+def run_args(data_parallel, document_masking):
+    return (["--average_tokens_across_devices", "True"] if data_parallel > 1 else []) + \
+        (DOCUMENT_ARGS if document_masking else [])
+
+
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("baseline")
-    return {
-        1: launch("run_origin_clm.sh", tmp / "dp1", nproc=1),
-        2: launch("run_origin_clm.sh", tmp / "dp2", nproc=2, extra=["--average_tokens_across_devices", "True"]),
-    }
+def baseline(tmp_path_factory):
+    """The baseline run of a data-parallel size, with or without document masking; each launched once, when needed."""
+    tmp, runs = tmp_path_factory.mktemp("baseline"), {}
+
+    def run(data_parallel, document_masking):
+        if (data_parallel, document_masking) not in runs:
+            runs[data_parallel, document_masking] = launch(
+                "run_origin_clm.sh", tmp / f"dp{data_parallel}-{document_masking}", nproc=data_parallel,
+                extra=run_args(data_parallel, document_masking),
+            )
+        return runs[data_parallel, document_masking]
+
+    return run
 
 
 def assert_same_training(cp_run, baseline):
@@ -61,11 +76,20 @@ def assert_same_training(cp_run, baseline):
     assert cp_run["eval"]["perplexity"] == pytest.approx(baseline["eval"]["perplexity"], rel=1e-4)
 
 
+@pytest.mark.parametrize("document_masking", [False, True], ids=["", "document_masking"])
 @pytest.mark.parametrize(
     "cp_size, data_parallel", [(2, 1), (4, 1), (2, 2)], ids=["cp2-dp1", "cp4-dp1", "cp2-dp2"]
 )
-def test_cp_run_matches_the_baseline(baselines, tmp_path, cp_size, data_parallel):
-    extra = ["--average_tokens_across_devices", "True"] if data_parallel > 1 else []
-    cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=cp_size * data_parallel, cp_size=cp_size, extra=extra)
+def test_cp_run_matches_the_baseline(baseline, tmp_path, cp_size, data_parallel, document_masking):
+    cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=cp_size * data_parallel, cp_size=cp_size,
+                    extra=run_args(data_parallel, document_masking))
     assert f"Context parallelism over {cp_size} ranks, attention by magi_portable" in cp_run["log"]
-    assert_same_training(cp_run, baselines[data_parallel])
+    # Each new plan logs the batch's causal sequences: its samples, or with document masking the documents and
+    # pieces of documents in them. The blocks do cross documents: several to a block.
+    plans = [(int(samples), int(sequences)) for samples, sequences in
+             re.findall(r"CP plan for (\d+) samples x 100 tokens, (\d+) causal sequences", cp_run["log"])]
+    assert len(plans) >= (STEPS if document_masking else 1)
+    samples = sum(p[0] for p in plans)
+    sequences = sum(p[1] for p in plans)
+    assert sequences >= 2 * samples if document_masking else sequences == samples
+    assert_same_training(cp_run, baseline(data_parallel, document_masking))

@@ -152,3 +152,22 @@ def test_text_shorter_than_one_block_is_a_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "shorter than one block of 64 tokens" in result.stderr
+
+
+def test_document_masking_refuses_a_model_that_cannot_take_the_document_mask(tmp_path):
+    # GPT-2 flattens a 4D attention mask into a padding mask and fails in its attention with a size mismatch.
+    train_file, _, tokenizer = embedded_default.prepare_default_corpus()
+    small = tmp_path / "small.txt"
+    small.write_text(Path(train_file).read_text()[:20000])
+    result = subprocess.run(
+        [sys.executable, "run_origin_clm.py", "--train_file", str(small), "--validation_file", str(small),
+         "--tokenizer_name", tokenizer, "--model_type", "gpt2", "--config_overrides", "n_embd=32,n_layer=1,n_head=2",
+         "--document_masking", "--block_size", "64", "--output_dir", str(tmp_path / "out"), "--do_train",
+         "--use_cpu", "--report_to", "none"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ValueError: GPT2LMHeadModel with sdpa attention cannot take the document mask: --document_masking needs a "
+        "model that builds its mask in _update_causal_mask (Llama, Mistral, Qwen2, ...) with eager or sdpa attention."
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import embedded_default
 import magi_portable
@@ -93,6 +94,7 @@ def data(tmp_path_factory):
     (tmp / "small.txt").write_text(Path(train_file).read_text()[:20000])
     (tmp / "empty.txt").write_text("")
     (tmp / "tiny.txt").write_text("Too short.\n")
+    AutoTokenizer.from_pretrained(tokenizer, eos_token=None).save_pretrained(tmp / "tokenizer_without_eos")
     return tmp, tokenizer
 
 
@@ -130,6 +132,10 @@ BAD_INPUTS = [
      "ValueError: Data file {tmp}/empty.txt is missing or empty: give a text file with content."),
     ("text shorter than a block", ["--train_file", "{tmp}/tiny.txt", "--validation_file", "{tmp}/tiny.txt"], {},
      "ValueError: The train text is shorter than one block of 64 tokens: give more text or a smaller --block_size."),
+    ("document masking with a tokenizer without end-of-text token",
+     ["--document_masking", "--tokenizer_name", "{tmp}/tokenizer_without_eos"], {},
+     "ValueError: --document_masking ends every document with the tokenizer's end-of-text token, and this "
+     "PreTrainedTokenizerFast has none: use a tokenizer with an eos_token, or drop --document_masking."),
 ]
 
 
