@@ -31,6 +31,7 @@ rank needs. With GQA, K/V are h_kv/h_q of Q's size, so the gathered volume stays
 
 import atexit
 import bisect
+import functools
 import heapq
 import importlib.util
 import logging
@@ -222,7 +223,7 @@ def _build_plan(cu_seqlens, causal, chunk_size, padded_total, group, device) -> 
     query_ranges, num_local_pad = _query_ranges(rank_chunks[cp_rank], chunk_size, cu_seqlens)
 
     key_ranges = [(r.sample_start, r.key_end(causal)) for r in query_ranges]
-    key_index = torch.cat([global_to_dispatch[start:end] for start, end in key_ranges] or [torch.zeros(0, dtype=torch.long)])
+    key_index = torch.cat([torch.zeros(0, dtype=torch.long)] + [global_to_dispatch[start:end] for start, end in key_ranges])
     if torch.equal(key_index, torch.arange(len(key_index))):
         key_index = None  # the keys are the first local tokens, in order: no copy needed
 
@@ -516,12 +517,13 @@ def _attend_torch(q, k_gathered, v_gathered, key, scale):
     return _with_pad_tail(outs, lses, plan.num_local_pad)
 
 
-def _fa4_unavailable(q) -> str | None:
-    """Why FlashAttention-4 cannot take q, or None if it can."""
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] not in (9, 10):
+@functools.cache
+def _fa4_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention-4 cannot take tensors of this device and dtype, or None if it can."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return "it runs on Hopper and Blackwell GPUs (compute capability 9.x or 10.x) only"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"it takes bf16 or fp16, got {q.dtype}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bf16 or fp16, got {dtype}"
     if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
         return "flash_attn.cute is not installed (pip install -r requirements-gpu.txt)"
     return None
@@ -656,12 +658,13 @@ def _pick_kernel(q, key) -> str:
     if choice == "auto":
         if not q.is_cuda:
             return "torch"
-        if _fa4_unavailable(q) is None:
+        if _fa4_unavailable(q.device, q.dtype) is None:
             return "fa4"
         whole_samples = key.cp_size == 1 and key.total_seqlen >= len(key.plan.query_ranges) * DEFAULT_MAX_CHUNK_SIZE
         return "sdpa" if whole_samples else "flex"
-    if choice == "fa4" and _fa4_unavailable(q) is not None:
-        raise RuntimeError(f"{KERNEL_ENV}=fa4, but FlashAttention-4 cannot run: {_fa4_unavailable(q)}.")
+    reason = _fa4_unavailable(q.device, q.dtype) if choice == "fa4" else None
+    if reason is not None:
+        raise RuntimeError(f"{KERNEL_ENV}=fa4, but FlashAttention-4 cannot run: {reason}.")
     if choice in ("sdpa", "flex") and not q.is_cuda:
         raise RuntimeError(f"{KERNEL_ENV}={choice} needs a CUDA device; unset it to use the torch kernel.")
     if choice == "sdpa" and key.cp_size > 1:

@@ -165,7 +165,8 @@ def run_case(name, lengths, head_dim, rows):
         rows.append((name, head_dim, "FA4 direct, 1 GPU", fa4_ms, tflop / (fa4_ms / 1e3), "", ""))
         rows.append((name, head_dim, label, ms, tflop / cp_size / (ms / 1e3), first_ms - ms, ratio))
         log(f"  FA4 on 1 GPU {fa4_ms:8.2f} ms; calc_attn at CP {cp_size} {ms:8.2f} ms "
-            f"({tflop / cp_size / (ms / 1e3):.1f} TFLOP/s per GPU): {ratio:.3f}; first call +{(first_ms - ms) / 1e3:.1f} s; "
+            f"({tflop / cp_size / (ms / 1e3):.1f} TFLOP/s per GPU): {ratio:.3f}; "
+            f"first call +{(first_ms - ms) / 1e3:.1f} s; "
             f"area imbalance {key.attn_area_imbalance:.3f}, query ranges on rank 0: {len(key.plan.query_ranges)}")
     dist.barrier()
 

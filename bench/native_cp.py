@@ -115,7 +115,8 @@ def main():
     peak = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
                         device=device, dtype=torch.float64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the fullest GPU
-    result.update(peak_allocated_gib=round(peak[0].item() / 2**30, 2), peak_reserved_gib=round(peak[1].item() / 2**30, 2))
+    result.update(peak_allocated_gib=round(peak[0].item() / 2**30, 2),
+                  peak_reserved_gib=round(peak[1].item() / 2**30, 2))
     if rank == 0:
         print("E2E_RESULT " + json.dumps(result), flush=True)
         with open(args.results, "a") as f:

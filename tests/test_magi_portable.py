@@ -235,7 +235,7 @@ def cp_worker(rank, cp_size, store_path, results):
         # The fa4 kernel's layout (query ranges, a copy of each one's keys, the pad tail, the gradients of keys
         # that several ranges share), with a float64 CPU stand-in for FlashAttention-4's varlen call.
         magi._fa4_varlen_attention = fa4_stand_in
-        magi._fa4_unavailable = lambda q: None
+        magi._fa4_unavailable = lambda device, dtype: None
         os.environ[magi.KERNEL_ENV] = "fa4"
         for causal in (True, False):
             run_case(group, [0, 157], causal, 8, torch.float64, gen)
