@@ -13,6 +13,7 @@ perplexity, token accuracy) and save. With no model and no dataset given it trai
     torchrun --nproc_per_node 2 run_magi_clm.py --cp_size 2 --output_dir out --do_train --do_eval
 """
 
+import gc
 import json
 import logging
 import math
@@ -554,7 +555,7 @@ def main():
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
+        logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
 
     check_model_takes_magi_attention(model, config._attn_implementation)
     skip_causal_mask(model)
@@ -685,9 +686,13 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Destroy the process group before the interpreter exits: gloo's worker threads alive at exit can abort the
-    # process (SIGABRT, "terminate called without an active exception") after a finished run.
+    # Destroy the process groups before the interpreter exits: gloo's worker threads alive at exit can abort the
+    # process (SIGABRT, "terminate called without an active exception") after a finished run. destroy_process_group()
+    # leaves a group's threads running until the last Python object holding it goes, and the Trainer holds them (its
+    # DDP model, its accelerator) in reference cycles, which only the garbage collector frees: free it now.
     trainer.accelerator.end_training()
+    del trainer
+    gc.collect()
     if training_args.do_train:
         release_output_dir(training_args)
 

@@ -9,6 +9,7 @@ perplexity, token accuracy) and save. With no model and no dataset given it trai
     torchrun --nproc_per_node 1 run_origin_clm.py --output_dir out --do_train --do_eval
 """
 
+import gc
 import json
 import logging
 import math
@@ -357,7 +358,7 @@ def main():
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
+        logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
 
     # Grow the embeddings only when the tokenizer has more tokens: shrinking would break loaded weights.
     embedding_size = model.get_input_embeddings().weight.shape[0]
@@ -483,9 +484,13 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Destroy the process group before the interpreter exits: gloo's worker threads alive at exit can abort the
-    # process (SIGABRT, "terminate called without an active exception") after a finished run.
+    # Destroy the process groups before the interpreter exits: gloo's worker threads alive at exit can abort the
+    # process (SIGABRT, "terminate called without an active exception") after a finished run. destroy_process_group()
+    # leaves a group's threads running until the last Python object holding it goes, and the Trainer holds them (its
+    # DDP model, its accelerator) in reference cycles, which only the garbage collector frees: free it now.
     trainer.accelerator.end_training()
+    del trainer
+    gc.collect()
     if training_args.do_train:
         release_output_dir(training_args)
 

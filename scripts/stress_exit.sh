@@ -23,7 +23,7 @@ for i in $(seq 1 "$N"); do
     for core in core core.*; do
       [ -f "$core" ] || continue
       if command -v gdb >/dev/null; then
-        gdb -q -batch -ex "thread apply all bt" "$(command -v python3)" "$core" >"$LOG_DIR/run$i.$core.bt" 2>&1
+        gdb -q -batch -ex "thread apply all bt" "$(python3 -c "import sys; print(sys.executable)")" "$core" >"$LOG_DIR/run$i.$core.bt" 2>&1
       fi
       rm -f "$core"
     done
