@@ -484,10 +484,11 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Destroy the process groups before the interpreter exits: gloo's worker threads alive at exit can abort the
-    # process (SIGABRT, "terminate called without an active exception") after a finished run. destroy_process_group()
-    # leaves a group's threads running until the last Python object holding it goes, and the Trainer holds them (its
-    # DDP model, its accelerator) in reference cycles, which only the garbage collector frees: free it now.
+    # Join the process groups' threads before the interpreter exits. A gloo worker still alive then can be
+    # releasing its last collective, whose saved thread state holds a Python object: it must take the GIL, CPython
+    # ends it instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a
+    # finished run. destroy_process_group() leaves a group's threads running while a Python object holds the group,
+    # and the Trainer holds them (its DDP model, its accelerator) in reference cycles: free it now.
     trainer.accelerator.end_training()
     del trainer
     gc.collect()
