@@ -363,7 +363,7 @@ def test_own_text_trains_with_the_default_tokenizer(data, tmp_path):
                 "--validation_file", f"{tmp}/small.txt")
     assert f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer}." in run["log"]
     assert "No dataset given" not in run["log"]
-    assert "Num examples = 20" in run["log"]  # the blocks of small.txt, not of the default corpus
+    assert "Num examples = 24" in run["log"]  # the blocks of small.txt, not the thousands of the default corpus
 
 
 def test_one_failing_rank_stops_the_job(cp_run, tmp_path):
