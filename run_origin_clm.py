@@ -485,13 +485,18 @@ def main():
         trainer.create_model_card(**kwargs)
 
     # Join the process groups' threads before the interpreter exits. A gloo worker still alive then can be
-    # releasing its last collective, whose saved thread state holds a Python object: it must take the GIL, CPython
-    # ends it instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a
-    # finished run. destroy_process_group() leaves a group's threads running while a Python object holds the group,
-    # and the Trainer holds them (its DDP model, its accelerator) in reference cycles: free it now.
-    trainer.accelerator.end_training()
+    # releasing its last collective, whose saved state holds Python objects: it must take the GIL, CPython ends it
+    # instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a finished
+    # run. A group's threads are joined when its last reference goes, and that must be a Python group object, which
+    # lets go of the GIL while joining: dropped by the Trainer's DDP reducer or by torch's registry, the join would
+    # hold the GIL that the worker waits for. So: keep the groups, free the Trainer (its reference cycles hold them),
+    # destroy the groups, then let go of them.
+    groups = list(torch.distributed.distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []
     del trainer
     gc.collect()
+    if groups:
+        torch.distributed.destroy_process_group()
+    del groups
     if training_args.do_train:
         release_output_dir(training_args)
 
