@@ -106,7 +106,7 @@ def prepare_default_corpus(data_dir=Path(__file__).parent / "data"):
 
 
 def small_llama_config(tokenizer):
-    """A Llama of about 1.4M parameters: trains in minutes on two CPU cores."""
+    """A Llama of 1.79M parameters (with the 4096-token tokenizer): trains in minutes on two CPU cores."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

@@ -13,24 +13,30 @@ perplexity, token accuracy) and save. With no model and no dataset given it trai
     torchrun --nproc_per_node 2 run_magi_clm.py --cp_size 2 --output_dir out --do_train --do_eval
 """
 
+import gc
+import json
 import logging
 import math
 import os
+import socket
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
+from pathlib import Path
 from typing import Optional
 
 import datasets
 import numpy as np
 import torch
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import recursively_apply
 from datasets import load_dataset
+from safetensors import SafetensorError, safe_open
 from einops import rearrange
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import (
@@ -47,7 +53,6 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.trainer_utils import get_last_checkpoint
-from unittest.mock import patch
 
 from embedded_default import prepare_default_corpus, small_llama_config
 from magi_utils import (
@@ -170,6 +175,11 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and path.split(".")[-1] not in ("csv", "json", "txt"):
                 raise ValueError(f"--{name} must be a .csv, .json or .txt file, got {path}")
+        if self.dataset_name is None and self.train_file is None and self.validation_file is not None:
+            raise ValueError(
+                "--validation_file was given without --train_file: give --train_file too, or neither to train on "
+                "the embedded default."
+            )
 
 
 @dataclass
@@ -201,6 +211,25 @@ def magi_attention_forward(module, query, key, value, attention_mask, scaling, d
 
 
 ALL_ATTENTION_FUNCTIONS.register("Magi_Attention", magi_attention_forward)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over a process group, whose backward sums the gradients over the group too. As
+    torch.distributed.nn.functional.all_reduce, which is deprecated; the functional collective that replaces it
+    is differentiable only in recent torch versions."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output = grad_output.clone()
+        dist.all_reduce(grad_output, group=ctx.group)
+        return grad_output, None
 
 
 class MagiAccelerator(Accelerator):
@@ -235,9 +264,28 @@ class MagiTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_accelerator_and_postprocess(self):
-        # The Trainer builds its Accelerator in here: have it build ours.
-        with patch("transformers.trainer.Accelerator", partial(MagiAccelerator, cp_size=self.cp_size)):
+        # The Trainer builds its Accelerator in here, from the name Accelerator in its module, and has no argument
+        # to pass a subclass: have that name build ours for the call.
+        trainer_module = sys.modules[Trainer.__module__]
+        trainer_module.Accelerator = partial(MagiAccelerator, cp_size=self.cp_size)
+        try:
             super().create_accelerator_and_postprocess()
+        finally:
+            trainer_module.Accelerator = Accelerator
+
+    def set_initial_training_values(self, args, dataloader, total_train_batch_size):
+        # The Trainer multiplies the batch by every process, where a CP group holds one batch: the samples counted in
+        # the speed metrics, and its "Total train batch size" log line (which it prints from its own figure).
+        total_train_batch_size //= self.cp_size
+        if self.cp_size > 1:
+            logger.info(f"Global batch: {total_train_batch_size} samples a step (the Trainer's total train batch size "
+                        f"below counts each sample once per rank of a CP group)")
+        return super().set_initial_training_values(args, dataloader, total_train_batch_size)
+
+    def floating_point_ops(self, inputs):
+        # Every rank of a CP group is handed the whole batch and computes a cp_size-th of it; the Trainer sums the
+        # ranks' figures into total_flos.
+        return super().floating_point_ops(inputs) / self.cp_size
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
@@ -300,7 +348,7 @@ class MagiTrainer(Trainer):
         # Sum over the CP group: every rank reports the baseline's loss, and since the backward of this all-reduce
         # sums the CP group's gradients (cp_size x this rank's), DDP's average over dp x cp ranks gives the
         # baseline's gradient: the Trainer's training_step needs no change.
-        loss = dist_nn.all_reduce(loss, group=self.accelerator.cp_group)
+        loss = AllReduceSum.apply(loss, self.accelerator.cp_group)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -319,6 +367,14 @@ def load_raw_datasets(data_args, model_args):
         for path in data_files.values():
             if not os.path.isfile(path) or os.path.getsize(path) == 0:
                 raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    while f.read(1 << 24):
+                        pass
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"Data file {path} is not UTF-8 text ({error.reason}): convert it to UTF-8 (e.g. with iconv)."
+                ) from None
         extension = data_args.train_file.split(".")[-1]
         loader = "text" if extension == "txt" else extension
         loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks, "sample_by": data_args.text_sample_by} \
@@ -331,6 +387,80 @@ def load_raw_datasets(data_args, model_args):
         raw["validation"] = load_dataset(*source, split=f"train[:{pct}%]", **loader_kwargs, **hub_kwargs)
         raw["train"] = load_dataset(*source, split=f"train[{pct}%:]", **loader_kwargs, **hub_kwargs)
     return raw
+
+
+def process_is_running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def claim_output_dir(training_args):
+    """Make this run the only one in its output folder, before any work: a folder in use by a live run (its lock
+    file) or holding an earlier run is refused, unless this run resumes from one of that folder's checkpoints.
+    Every rank checks; then the first process takes the lock, which release_output_dir removes at the end."""
+    output_dir = Path(training_args.output_dir)
+    lock = output_dir / "run.lock"
+    if lock.exists():
+        host, pid = lock.read_text().split()
+        if host != socket.gethostname() or process_is_running(int(pid)):
+            raise ValueError(
+                f"Output folder {output_dir} is in use by a run in progress (process {pid} on {host}): wait for it "
+                f"to end or give another --output_dir; if no run is using it, delete {lock}."
+            )
+    earlier = sorted(p.name for p in output_dir.iterdir() if p != lock) if output_dir.is_dir() else []
+    resume = training_args.resume_from_checkpoint
+    resumes_here = resume is not None and Path(resume).resolve().parent == output_dir.resolve()
+    if earlier and not resumes_here:
+        last_checkpoint = get_last_checkpoint(str(output_dir))
+        how = f"resume it with --resume_from_checkpoint {last_checkpoint}, " if last_checkpoint else ""
+        files = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise ValueError(
+            f"Output folder {output_dir} holds an earlier run ({files}): {how}give another --output_dir "
+            "(OUTPUT_DIR for the launchers), or delete the folder."
+        )
+    if resumes_here:
+        logger.info(f"Resuming the run in {output_dir} from {resume}.")
+    elif resume is not None:
+        logger.info(f"Starting a new run in {output_dir} from {resume}.")
+    else:
+        logger.info(f"Starting a new run in {output_dir}.")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has looked at the folder before the lock is taken
+    if training_args.process_index == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.unlink(missing_ok=True)  # a lock left by a run that has ended
+        lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+
+def check_checkpoint(checkpoint):
+    """Name a damaged file of the checkpoint (a truncated copy, say) on every rank before any work, rather than
+    fail on one rank inside the Trainer with an error that does not name it. Checks that each file is whole, not
+    what it holds."""
+    if not os.path.isdir(checkpoint):
+        return  # the Trainer says it cannot find it
+    for path in sorted(Path(checkpoint).iterdir()):
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(path).close()  # torch.save writes zip archives, whose index is at the end
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
+            raise ValueError(
+                f"Checkpoint file {path} is damaged ({error}): resume from another checkpoint, or copy it again."
+            ) from None
+
+
+def release_output_dir(training_args):
+    if training_args.process_index == 0:
+        (Path(training_args.output_dir) / "run.lock").unlink(missing_ok=True)
 
 
 def tokenize_documents(tokenizer, texts):
@@ -367,11 +497,11 @@ def group_texts(examples, block_size, document_masking=False):
 
 def main():
     # Arguments: from the command line, or from one .json file given as the only argument.
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, MagiArguments))
+    parser = HfArgumentParser((MagiArguments, ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args, magi_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        magi_args, model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
-        model_args, data_args, training_args, magi_args = parser.parse_args_into_dataclasses()
+        magi_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses()
 
     # Fail on every rank before any work, rather than hang in a collective later.
     check_supported_versions()
@@ -407,29 +537,26 @@ def main():
     )
     logger.info(f"Training/evaluation parameters {training_args}")
 
-    # Resume from the last checkpoint in output_dir, unless told to overwrite it.
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.overwrite_output_dir:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
-            raise ValueError(
-                f"Output directory ({training_args.output_dir}) already exists and is not empty. "
-                "Use --overwrite_output_dir to overcome."
-            )
-        elif last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
-                "the `--output_dir` or add `--overwrite_output_dir` to train from scratch."
-            )
+    if training_args.do_train:
+        if training_args.resume_from_checkpoint is not None:
+            check_checkpoint(training_args.resume_from_checkpoint)
+        claim_output_dir(training_args)
 
     set_seed(training_args.seed)
 
-    # The embedded default: Shakespeare and a tokenizer trained on it, when no dataset is given.
-    if data_args.dataset_name is None and data_args.train_file is None:
+    # The embedded default fills in only what is not given: Shakespeare when no dataset is given, and the tokenizer
+    # trained on it (a byte-level BPE, which reads any text) when no model and no tokenizer are given.
+    default_data = data_args.dataset_name is None and data_args.train_file is None
+    default_tokenizer = model_args.model_name_or_path is None and model_args.tokenizer_name is None
+    if default_data or default_tokenizer:
         with training_args.main_process_first(desc="preparing the embedded default corpus"):
-            data_args.train_file, data_args.validation_file, default_tokenizer = prepare_default_corpus()
-        if model_args.model_name_or_path is None and model_args.tokenizer_name is None:
-            model_args.tokenizer_name = default_tokenizer
+            train_file, validation_file, tokenizer_dir = prepare_default_corpus()
+        if default_data:
+            data_args.train_file, data_args.validation_file = train_file, validation_file
+            logger.info(f"No dataset given: training on the embedded default's text, {train_file}.")
+        if default_tokenizer:
+            model_args.tokenizer_name = tokenizer_dir
+            logger.info(f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer_dir}.")
     raw_datasets = load_raw_datasets(data_args, model_args)
 
     hub_kwargs = {
@@ -438,16 +565,8 @@ def main():
         "token": model_args.token,
         "trust_remote_code": model_args.trust_remote_code,
     }
-    if model_args.tokenizer_name:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
-        )
-    elif model_args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
-        )
-    else:
-        raise ValueError("Training a new tokenizer is not done here: give --tokenizer_name or --model_name_or_path.")
+    tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     if data_args.document_masking and tokenizer.eos_token_id is None:
         raise ValueError(
             f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
@@ -463,7 +582,7 @@ def main():
         logger.warning("You are instantiating a new config instance from scratch.")
     else:
         config = small_llama_config(tokenizer)
-        logger.info("No model given: training the embedded default, a small Llama built from a config.")
+        logger.info("No model given: training the embedded default's small Llama, built from a config.")
     if model_args.config_overrides is not None:
         logger.info(f"Overriding config: {model_args.config_overrides}")
         config.update_from_string(model_args.config_overrides)
@@ -488,7 +607,7 @@ def main():
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
+        logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
 
     check_model_takes_magi_attention(model, config._attn_implementation)
     skip_causal_mask(model)
@@ -593,8 +712,7 @@ def main():
     )
 
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()  # also saves the tokenizer
 
         metrics = train_result.metrics
@@ -626,9 +744,21 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Destroy the process group before the interpreter exits: gloo's worker threads alive at exit can abort the
-    # process (SIGABRT, "terminate called without an active exception") after a finished run.
-    trainer.accelerator.end_training()
+    # Join the process groups' threads before the interpreter exits. A gloo worker still alive then can be
+    # releasing its last collective, whose saved state holds Python objects: it must take the GIL, CPython ends it
+    # instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a finished
+    # run. A group's threads are joined when its last reference goes, and that must be a Python group object, which
+    # lets go of the GIL while joining: dropped by the Trainer's DDP reducer or by torch's registry, the join would
+    # hold the GIL that the worker waits for. So: keep the groups, free the Trainer (its reference cycles hold them),
+    # destroy the groups, then let go of them.
+    groups = list(torch.distributed.distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []
+    del trainer
+    gc.collect()
+    if groups:
+        torch.distributed.destroy_process_group()
+    del groups
+    if training_args.do_train:
+        release_output_dir(training_args)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,18 @@ perplexity, token accuracy) and save. With no model and no dataset given it trai
     torchrun --nproc_per_node 1 run_origin_clm.py --output_dir out --do_train --do_eval
 """
 
+import gc
+import json
 import logging
 import math
 import os
+import socket
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
+from pathlib import Path
 from typing import Optional
 
 import datasets
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import load_dataset
+from safetensors import SafetensorError, safe_open
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -151,6 +157,11 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and path.split(".")[-1] not in ("csv", "json", "txt"):
                 raise ValueError(f"--{name} must be a .csv, .json or .txt file, got {path}")
+        if self.dataset_name is None and self.train_file is None and self.validation_file is not None:
+            raise ValueError(
+                "--validation_file was given without --train_file: give --train_file too, or neither to train on "
+                "the embedded default."
+            )
 
 
 def load_raw_datasets(data_args, model_args):
@@ -168,6 +179,14 @@ def load_raw_datasets(data_args, model_args):
         for path in data_files.values():
             if not os.path.isfile(path) or os.path.getsize(path) == 0:
                 raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    while f.read(1 << 24):
+                        pass
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"Data file {path} is not UTF-8 text ({error.reason}): convert it to UTF-8 (e.g. with iconv)."
+                ) from None
         extension = data_args.train_file.split(".")[-1]
         loader = "text" if extension == "txt" else extension
         loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks, "sample_by": data_args.text_sample_by} \
@@ -180,6 +199,80 @@ def load_raw_datasets(data_args, model_args):
         raw["validation"] = load_dataset(*source, split=f"train[:{pct}%]", **loader_kwargs, **hub_kwargs)
         raw["train"] = load_dataset(*source, split=f"train[{pct}%:]", **loader_kwargs, **hub_kwargs)
     return raw
+
+
+def process_is_running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def claim_output_dir(training_args):
+    """Make this run the only one in its output folder, before any work: a folder in use by a live run (its lock
+    file) or holding an earlier run is refused, unless this run resumes from one of that folder's checkpoints.
+    Every rank checks; then the first process takes the lock, which release_output_dir removes at the end."""
+    output_dir = Path(training_args.output_dir)
+    lock = output_dir / "run.lock"
+    if lock.exists():
+        host, pid = lock.read_text().split()
+        if host != socket.gethostname() or process_is_running(int(pid)):
+            raise ValueError(
+                f"Output folder {output_dir} is in use by a run in progress (process {pid} on {host}): wait for it "
+                f"to end or give another --output_dir; if no run is using it, delete {lock}."
+            )
+    earlier = sorted(p.name for p in output_dir.iterdir() if p != lock) if output_dir.is_dir() else []
+    resume = training_args.resume_from_checkpoint
+    resumes_here = resume is not None and Path(resume).resolve().parent == output_dir.resolve()
+    if earlier and not resumes_here:
+        last_checkpoint = get_last_checkpoint(str(output_dir))
+        how = f"resume it with --resume_from_checkpoint {last_checkpoint}, " if last_checkpoint else ""
+        files = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise ValueError(
+            f"Output folder {output_dir} holds an earlier run ({files}): {how}give another --output_dir "
+            "(OUTPUT_DIR for the launchers), or delete the folder."
+        )
+    if resumes_here:
+        logger.info(f"Resuming the run in {output_dir} from {resume}.")
+    elif resume is not None:
+        logger.info(f"Starting a new run in {output_dir} from {resume}.")
+    else:
+        logger.info(f"Starting a new run in {output_dir}.")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has looked at the folder before the lock is taken
+    if training_args.process_index == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.unlink(missing_ok=True)  # a lock left by a run that has ended
+        lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+
+def check_checkpoint(checkpoint):
+    """Name a damaged file of the checkpoint (a truncated copy, say) on every rank before any work, rather than
+    fail on one rank inside the Trainer with an error that does not name it. Checks that each file is whole, not
+    what it holds."""
+    if not os.path.isdir(checkpoint):
+        return  # the Trainer says it cannot find it
+    for path in sorted(Path(checkpoint).iterdir()):
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(path).close()  # torch.save writes zip archives, whose index is at the end
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
+            raise ValueError(
+                f"Checkpoint file {path} is damaged ({error}): resume from another checkpoint, or copy it again."
+            ) from None
+
+
+def release_output_dir(training_args):
+    if training_args.process_index == 0:
+        (Path(training_args.output_dir) / "run.lock").unlink(missing_ok=True)
 
 
 def tokenize_documents(tokenizer, texts):
@@ -255,29 +348,26 @@ def main():
     )
     logger.info(f"Training/evaluation parameters {training_args}")
 
-    # Resume from the last checkpoint in output_dir, unless told to overwrite it.
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.overwrite_output_dir:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is None and len(os.listdir(training_args.output_dir)) > 0:
-            raise ValueError(
-                f"Output directory ({training_args.output_dir}) already exists and is not empty. "
-                "Use --overwrite_output_dir to overcome."
-            )
-        elif last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
-                "the `--output_dir` or add `--overwrite_output_dir` to train from scratch."
-            )
+    if training_args.do_train:
+        if training_args.resume_from_checkpoint is not None:
+            check_checkpoint(training_args.resume_from_checkpoint)
+        claim_output_dir(training_args)
 
     set_seed(training_args.seed)
 
-    # The embedded default: Shakespeare and a tokenizer trained on it, when no dataset is given.
-    if data_args.dataset_name is None and data_args.train_file is None:
+    # The embedded default fills in only what is not given: Shakespeare when no dataset is given, and the tokenizer
+    # trained on it (a byte-level BPE, which reads any text) when no model and no tokenizer are given.
+    default_data = data_args.dataset_name is None and data_args.train_file is None
+    default_tokenizer = model_args.model_name_or_path is None and model_args.tokenizer_name is None
+    if default_data or default_tokenizer:
         with training_args.main_process_first(desc="preparing the embedded default corpus"):
-            data_args.train_file, data_args.validation_file, default_tokenizer = prepare_default_corpus()
-        if model_args.model_name_or_path is None and model_args.tokenizer_name is None:
-            model_args.tokenizer_name = default_tokenizer
+            train_file, validation_file, tokenizer_dir = prepare_default_corpus()
+        if default_data:
+            data_args.train_file, data_args.validation_file = train_file, validation_file
+            logger.info(f"No dataset given: training on the embedded default's text, {train_file}.")
+        if default_tokenizer:
+            model_args.tokenizer_name = tokenizer_dir
+            logger.info(f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer_dir}.")
     raw_datasets = load_raw_datasets(data_args, model_args)
 
     hub_kwargs = {
@@ -286,16 +376,8 @@ def main():
         "token": model_args.token,
         "trust_remote_code": model_args.trust_remote_code,
     }
-    if model_args.tokenizer_name:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
-        )
-    elif model_args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, use_fast=model_args.use_fast_tokenizer, **hub_kwargs
-        )
-    else:
-        raise ValueError("Training a new tokenizer is not done here: give --tokenizer_name or --model_name_or_path.")
+    tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     if data_args.document_masking and tokenizer.eos_token_id is None:
         raise ValueError(
             f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
@@ -311,7 +393,7 @@ def main():
         logger.warning("You are instantiating a new config instance from scratch.")
     else:
         config = small_llama_config(tokenizer)
-        logger.info("No model given: training the embedded default, a small Llama built from a config.")
+        logger.info("No model given: training the embedded default's small Llama, built from a config.")
     if model_args.config_overrides is not None:
         logger.info(f"Overriding config: {model_args.config_overrides}")
         config.update_from_string(model_args.config_overrides)
@@ -334,7 +416,7 @@ def main():
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
+        logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
 
     # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it is.
     if data_args.document_masking and not (
@@ -446,8 +528,7 @@ def main():
     )
 
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()  # also saves the tokenizer
 
         metrics = train_result.metrics
@@ -479,9 +560,21 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Destroy the process group before the interpreter exits: gloo's worker threads alive at exit can abort the
-    # process (SIGABRT, "terminate called without an active exception") after a finished run.
-    trainer.accelerator.end_training()
+    # Join the process groups' threads before the interpreter exits. A gloo worker still alive then can be
+    # releasing its last collective, whose saved state holds Python objects: it must take the GIL, CPython ends it
+    # instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a finished
+    # run. A group's threads are joined when its last reference goes, and that must be a Python group object, which
+    # lets go of the GIL while joining: dropped by the Trainer's DDP reducer or by torch's registry, the join would
+    # hold the GIL that the worker waits for. So: keep the groups, free the Trainer (its reference cycles hold them),
+    # destroy the groups, then let go of them.
+    groups = list(torch.distributed.distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []
+    del trainer
+    gc.collect()
+    if groups:
+        torch.distributed.destroy_process_group()
+    del groups
+    if training_args.do_train:
+        release_output_dir(training_args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,24 @@ else
 fi
 
 if [ "$RECIPE" = full ]; then
-  # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs.
+  # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs. Checked at once, rather than
+  # after the data loader's retries.
   export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
+  python -c '
+import sys, torch
+from huggingface_hub import auth_check
+from huggingface_hub.errors import HfHubHTTPError
+if not torch.cuda.is_available():
+    sys.exit("RECIPE=full needs GPUs and this machine has none (torch sees no CUDA device): use RECIPE=default here")
+try:
+    auth_check("meta-llama/Llama-3.2-1B")
+except HfHubHTTPError:
+    sys.exit("RECIPE=full needs access to the gated meta-llama/Llama-3.2-1B: accept its license on huggingface.co, "
+             "then log in with huggingface-cli login (or set HF_TOKEN)")
+except Exception as error:
+    sys.exit(f"RECIPE=full needs the Hugging Face Hub, which this machine cannot reach ({type(error).__name__}): "
+             "use RECIPE=default here")
+'
   PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
   RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
     --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
@@ -28,6 +44,17 @@ else
   RECIPE_ARGS=(--block_size 256 --max_steps ${MAX_STEPS:-300} --learning_rate 2e-3 --warmup_steps 20
     --max_eval_samples 64 --save_steps 100)
 fi
+
+# The variables above set the global batch: refuse appended arguments that would change it without a word.
+for arg in "$@"; do
+  case "$arg" in
+    --per_device_train_batch_size|--per_device_train_batch_size=*) variable=PER_DEVICE_BATCH ;;
+    --gradient_accumulation_steps|--gradient_accumulation_steps=*) variable=GLOBAL_BATCH ;;
+    *) continue ;;
+  esac
+  echo "${arg%%=*} is set by $(basename "$0") to keep the global batch at GLOBAL_BATCH: set $variable instead" >&2
+  exit 1
+done
 
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
@@ -49,11 +76,11 @@ fi
 
 torchrun "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
   run_origin_clm.py \
-  --output_dir "$OUTPUT_DIR" --overwrite_output_dir \
+  --output_dir "$OUTPUT_DIR" \
   --do_train --do_eval \
   --per_device_train_batch_size $PER_DEVICE_BATCH --per_device_eval_batch_size $PER_DEVICE_BATCH \
   --gradient_accumulation_steps $GRAD_ACC \
   --lr_scheduler_type cosine --optim adamw_torch --weight_decay 0.1 --max_grad_norm 1.0 \
   --logging_steps 1 --eval_strategy no --save_strategy steps --save_total_limit 2 \
-  --seed 42 --report_to none \
+  --seed 42 --report_to none --ddp_find_unused_parameters False \
   "${RECIPE_ARGS[@]}" "${DEVICE_ARGS[@]}" "$@"

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +36,8 @@ def launch(script, output_dir, nproc, cp_size=None, extra=()):
     return {
         "log": result.stdout + result.stderr,
         "losses": [h["loss"] for h in state["log_history"] if "loss" in h],
+        "total_flos": state["total_flos"],
+        "train": json.loads((output_dir / "train_results.json").read_text()),
         "eval": json.loads((output_dir / "eval_results.json").read_text()),
         "params": load_file(output_dir / "model.safetensors"),
     }
@@ -74,6 +75,11 @@ def assert_same_training(cp_run, baseline):
     assert abs(cp_run["eval"]["eval_loss"] - baseline["eval"]["eval_loss"]) <= 1e-4
     assert cp_run["eval"]["eval_accuracy"] == pytest.approx(baseline["eval"]["eval_accuracy"], abs=1e-6)
     assert cp_run["eval"]["perplexity"] == pytest.approx(baseline["eval"]["perplexity"], rel=1e-4)
+    # The same work is reported: each sample counted once, not once per rank of its CP group.
+    assert cp_run["total_flos"] == pytest.approx(baseline["total_flos"], rel=1e-9)
+    for run in (cp_run, baseline):
+        samples = run["train"]["train_samples_per_second"] * run["train"]["train_runtime"]
+        assert samples == pytest.approx(STEPS * GLOBAL_BATCH, rel=0.01)
 
 
 @pytest.mark.parametrize("document_masking", [False, True], ids=["", "document_masking"])
@@ -92,4 +98,5 @@ def test_cp_run_matches_the_baseline(baseline, tmp_path, cp_size, data_parallel,
     samples = sum(p[0] for p in plans)
     sequences = sum(p[1] for p in plans)
     assert sequences >= 2 * samples if document_masking else sequences == samples
+    assert f"Global batch: {GLOBAL_BATCH} samples a step" in cp_run["log"]
     assert_same_training(cp_run, baseline(data_parallel, document_masking))

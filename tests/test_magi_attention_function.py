@@ -35,12 +35,12 @@ def test_magi_attention_matches_sdpa_without_a_4d_mask(single_rank_group, monkey
 
     model = tiny_llama("Magi_Attention", dtype)
     skip_causal_mask(model)
-    seen = []
+    masks, dtypes = [], []
 
     def recording_forward(module, query, key, value, attention_mask, *args, **kwargs):
-        seen.append((attention_mask, query.dtype))
+        masks.append(attention_mask)
         out, weights = run_magi_clm.magi_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-        seen.append((None, out.dtype))
+        dtypes.append((query.dtype, out.dtype))
         return out, weights
 
     monkeypatch.setitem(run_magi_clm.ALL_ATTENTION_FUNCTIONS._global_mapping, "Magi_Attention", recording_forward)
@@ -57,7 +57,7 @@ def test_magi_attention_matches_sdpa_without_a_4d_mask(single_rank_group, monkey
     ).logits
     logits = magi_portable.undispatch(logits.squeeze(0), key).view(batch_size, seq_len, -1)
 
-    assert len(seen) == 2 * model.config.num_hidden_layers
-    assert all(mask is None and seen_dtype == dtype for mask, seen_dtype in seen)
+    assert masks == [None] * model.config.num_hidden_layers
+    assert dtypes == [(dtype, dtype)] * model.config.num_hidden_layers
     assert logits.dtype == dtype
     assert (logits - reference).abs().max() <= tolerance * reference.abs().max()

@@ -1,4 +1,4 @@
-"""The plain trainer: arguments, block grouping, the embedded default data, and a real run through the launcher."""
+"""The plain trainer: arguments, block grouping, and real runs through the launcher."""
 
 import json
 import os
@@ -78,36 +78,6 @@ def test_group_texts_cuts_blocks_and_drops_the_remainder(lengths, block_size, ex
         assert block == flat[i * block_size : (i + 1) * block_size]
     assert result["labels"] == result["input_ids"]
     assert all(len(m) == block_size for m in result["attention_mask"])
-
-
-@pytest.fixture(scope="module")
-def default_corpus(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    return data_dir, embedded_default.prepare_default_corpus(data_dir)
-
-
-def test_default_corpus_is_hash_checked_and_the_tokenizer_deterministic(default_corpus, tmp_path):
-    data_dir, (train_file, validation_file, tokenizer_dir) = default_corpus
-    assert embedded_default.sha256(train_file) == embedded_default.TRAIN_SHA256
-    assert embedded_default.sha256(validation_file) == embedded_default.VALIDATION_SHA256
-    assert "THE TEMPEST" in Path(validation_file).read_text()[:200]
-    assert "HAMLET" in Path(train_file).read_text()
-    # Training the tokenizer again gives the same file.
-    embedded_default._train_tokenizer(Path(train_file), tmp_path / "tok")
-    assert embedded_default.sha256(tmp_path / "tok" / "tokenizer.json") == \
-        embedded_default.sha256(Path(tokenizer_dir) / "tokenizer.json")
-
-
-def test_default_corpus_rerun_is_a_no_op_and_damage_is_repaired(default_corpus):
-    data_dir, paths = default_corpus
-    files = [Path(p) for p in paths[:2]] + [Path(paths[2]) / "tokenizer.json"]
-    mtimes = [f.stat().st_mtime_ns for f in files]
-    assert embedded_default.prepare_default_corpus(data_dir) == paths
-    assert [f.stat().st_mtime_ns for f in files] == mtimes
-
-    files[0].write_text("damaged")
-    embedded_default.prepare_default_corpus(data_dir)
-    assert embedded_default.sha256(files[0]) == embedded_default.TRAIN_SHA256
 
 
 def run_launcher(script, output_dir, *args, env=None, steps=30):

