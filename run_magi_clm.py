@@ -32,7 +32,6 @@ from accelerate import Accelerator
 from accelerate.utils import recursively_apply
 from datasets import load_dataset
 from einops import rearrange
-from torch.distributed.device_mesh import init_device_mesh
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -41,7 +40,6 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
-    TrainingArguments,
     default_data_collator,
     set_seed,
 )
@@ -53,6 +51,7 @@ from embedded_default import prepare_default_corpus, small_llama_config
 from magi_utils import (
     check_model_takes_magi_attention,
     check_supported_versions,
+    cp_device_mesh,
     default_chunk_size,
     magi_api,
     skip_causal_mask,
@@ -157,6 +156,14 @@ class DataTrainingArguments:
 
 
 @dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # transformers 5 dropped this option (4.51 has it): the scripts keep it on both, for the check in main().
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train from scratch even if output_dir holds checkpoints of an earlier run"}
+    )
+
+
+@dataclass
 class MagiArguments:
     """Context parallelism: how many ranks share one sequence."""
 
@@ -193,14 +200,11 @@ class MagiAccelerator(Accelerator):
     def __init__(self, *args, cp_size, **kwargs):
         super().__init__(*args, **kwargs)
         self.cp_size = cp_size
-        self.device_mesh = init_device_mesh(
-            self.device.type, (self.num_processes // cp_size, cp_size), mesh_dim_names=("dp", "tp")
-        )
-        self.cp_group = self.device_mesh["tp"].get_group()
+        self.cp_mesh, self.cp_group = cp_device_mesh(self.device.type, cp_size, self.num_processes)
 
     def _prepare_device_mesh(self):
-        # accelerate 1.6 hands the ranks of a "tp" group the same batches: the CP ranks sit there.
-        return self.device_mesh if self.cp_size > 1 else None
+        # The data loader reads the mesh: the ranks of a CP group get the same batches.
+        return self.cp_mesh if self.cp_size > 1 else super()._prepare_device_mesh()
 
     def gather(self, tensor):
         # The ranks of a CP group hold the same samples: count them once (token counts, eval metrics).
@@ -255,7 +259,10 @@ class MagiTrainer(Trainer):
             "input_ids": magi_api.dispatch(input_ids.flatten(), self.magi_attn_key).unsqueeze(0),
             "position_ids": (magi_api.get_position_ids(self.magi_attn_key) % seq_len).unsqueeze(0),
             "magi_attn_key": self.magi_attn_key,
-            "shift_labels": magi_api.dispatch(shift_labels.flatten(), self.magi_attn_key, pad_value=-100).unsqueeze(0),
+            # Not named "shift_labels": transformers 5 would count an eval batch's tokens from that key, this rank's.
+            "local_shift_labels": magi_api.dispatch(
+                shift_labels.flatten(), self.magi_attn_key, pad_value=-100
+            ).unsqueeze(0),
             "num_label_tokens": (shift_labels != -100).sum(),
             "labels": labels,  # the whole batch's, for the eval metrics
         }
@@ -268,8 +275,8 @@ class MagiTrainer(Trainer):
             input_ids=inputs["input_ids"],
             position_ids=inputs["position_ids"],
             magi_attn_key=inputs["magi_attn_key"],
-            labels=inputs["shift_labels"],
-            shift_labels=inputs["shift_labels"],
+            labels=inputs["local_shift_labels"],
+            shift_labels=inputs["local_shift_labels"],
             num_items_in_batch=inputs["num_label_tokens"] if num_items_in_batch is None else num_items_in_batch,
         )
         loss = outputs.loss

@@ -31,7 +31,6 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
-    TrainingArguments,
     default_data_collator,
     set_seed,
 )
@@ -135,6 +134,14 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and path.split(".")[-1] not in ("csv", "json", "txt"):
                 raise ValueError(f"--{name} must be a .csv, .json or .txt file, got {path}")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # transformers 5 dropped this option (4.51 has it): the scripts keep it on both, for the check in main().
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train from scratch even if output_dir holds checkpoints of an earlier run"}
+    )
 
 
 def load_raw_datasets(data_args, model_args):
