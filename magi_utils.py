@@ -6,6 +6,7 @@ implementation of the same calls. MAGI_ATTENTION_BACKEND=magi or =portable force
 """
 
 import importlib
+import importlib.metadata
 import os
 
 import accelerate
@@ -53,11 +54,9 @@ def check_supported_versions():
             return
         except ImportError:
             continue
+    installed = " with ".join(f"{name} {importlib.metadata.version(name)}" for name in ("transformers", "accelerate"))
     stacks = " or ".join(f"{t} with {a} ({install})" for t, a, install in SUPPORTED_STACKS)
-    raise RuntimeError(
-        f"transformers {transformers.__version__} with accelerate {accelerate.__version__} is not supported: "
-        f"the context-parallel overrides are written for {stacks}."
-    )
+    raise RuntimeError(f"{installed} is not supported: the context-parallel overrides are written for {stacks}.")
 
 
 # Where the two supported stacks differ: the model's mask and the names accelerate reads in a device mesh.

@@ -4,6 +4,7 @@ exactly, runs are deterministic, and one failing rank stops the whole job.
 Every run is real: CPU processes with gloo, through the launchers or started rank by rank.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -151,20 +151,40 @@ def test_bad_input_stops_every_rank_before_training_with_one_line(data, tmp_path
         assert "Running training" not in output
 
 
-@pytest.mark.parametrize("package, installed, unsupported, supported", [
-    ("transformers", "4.51.3", "4.52.0", ">=4.51.0,<4.52.0"),
-    ("accelerate", "1.6.0", "1.10.0", ">=1.6.0,<1.10.0"),
+SUPPORTED_STACKS_LINE = (
+    "the context-parallel overrides are written for transformers>=4.51.0,<4.52.0 with accelerate>=1.6.0,<1.10.0 "
+    "(pip install -r requirements.txt) or transformers>=5.17.0,<5.24.0 with accelerate>=1.15.0,<1.16.0 "
+    "(pip install -r requirements-current.txt)."
+)
+
+
+def installed_versions(monkeypatch, transformers_version, accelerate_version):
+    """Stand in for the installed versions where require_version reads them."""
+    real_version = importlib.metadata.version
+    fake = {"transformers": transformers_version, "accelerate": accelerate_version}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: fake.get(name) or real_version(name))
+
+
+@pytest.mark.parametrize("transformers_version, accelerate_version", [
+    ("4.51.3", "1.6.0"), ("4.51.0", "1.9.0"), ("5.17.0", "1.15.0"), ("5.23.0", "1.15.0"), ("5.23.1", "1.15.2"),
 ])
-def test_unsupported_version_is_refused_first(monkeypatch, tmp_path, package, installed, unsupported, supported):
-    # transformers' lazy module ignores an assigned __version__: stand in for the package where the check reads it.
-    assert getattr(magi_utils, package).__version__ == installed
-    monkeypatch.setattr(magi_utils, package, types.SimpleNamespace(__name__=package, __version__=unsupported))
+def test_supported_versions_are_taken(monkeypatch, transformers_version, accelerate_version):
+    installed_versions(monkeypatch, transformers_version, accelerate_version)
+    magi_utils.check_supported_versions()
+
+
+@pytest.mark.parametrize("transformers_version, accelerate_version", [
+    ("4.52.0", "1.6.0"), ("4.51.3", "1.10.0"), ("4.51.3", "1.15.0"), ("5.16.0", "1.15.0"), ("5.24.0", "1.15.0"),
+    ("5.23.0", "1.14.0"), ("5.23.0", "1.6.0"),
+])
+def test_unsupported_version_is_refused_first(monkeypatch, tmp_path, transformers_version, accelerate_version):
+    installed_versions(monkeypatch, transformers_version, accelerate_version)
     monkeypatch.setattr(sys, "argv", ["run_magi_clm.py", "--output_dir", str(tmp_path), "--use_cpu"])
     with pytest.raises(RuntimeError) as error:
         run_magi_clm.main()
     assert str(error.value) == (
-        f"{package} {unsupported} is not supported: the context-parallel overrides are written for "
-        f"{package}{supported}. Install the pinned versions: pip install -r requirements.txt"
+        f"transformers {transformers_version} with accelerate {accelerate_version} is not supported: "
+        + SUPPORTED_STACKS_LINE
     )
 
 
