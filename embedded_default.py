@@ -103,7 +103,8 @@ def prepare_default_corpus(data_dir=Path(__file__).parent / "data"):
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
     if manifest.get("train.txt") != TRAIN_SHA256 or not all(
-        (tokenizer_dir / name).exists() and sha256(tokenizer_dir / name) == manifest.get(name) for name in tokenizer_files
+        (tokenizer_dir / name).exists() and sha256(tokenizer_dir / name) == manifest.get(name)
+        for name in tokenizer_files
     ):
         _train_tokenizer(train_file, tokenizer_dir)
         manifest = {**expected, **{name: sha256(tokenizer_dir / name) for name in tokenizer_files}}

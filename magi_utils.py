@@ -67,7 +67,8 @@ MODEL_BUILDS_ITS_OWN_MASK = version.parse(transformers.__version__) < version.pa
 # over "dp_replicate" (and "dp_shard") and gives the ranks of a "tp" or "cp" group the same batches, so a "dp"
 # dimension would silently count as one replica: every rank would get every batch. Its own ParallelismConfig with a
 # CP dimension is no way out here: it refuses CP with plain (DDP) data parallelism, and its CP attention is torch's.
-MESH_DIM_NAMES = ("dp", "tp") if version.parse(accelerate.__version__) < version.parse("1.10.0") else ("dp_replicate", "cp")
+ACCELERATE_SHARDS_OVER_DP_REPLICATE = version.parse(accelerate.__version__) >= version.parse("1.10.0")
+MESH_DIM_NAMES = ("dp_replicate", "cp") if ACCELERATE_SHARDS_OVER_DP_REPLICATE else ("dp", "tp")
 
 
 def cp_device_mesh(device_type, cp_size, world_size):
