@@ -93,12 +93,18 @@ def check_model_takes_magi_attention(model, attn_implementation):
             "it does not call attention through transformers' ALL_ATTENTION_FUNCTIONS. Use a model that does "
             "(Llama, Mistral, Qwen2, ...) or run run_origin_clm.py."
         )
-    if model.config.num_attention_heads % model.config.num_key_value_heads != 0:
+    num_heads, num_kv_heads = attention_heads(model.config)
+    if num_heads % num_kv_heads != 0:
         raise ValueError(
-            f"num_attention_heads ({model.config.num_attention_heads}) is not a multiple of num_key_value_heads "
-            f"({model.config.num_key_value_heads}): grouped-query attention cannot split the heads. "
-            "Fix the model config (--config_overrides)."
+            f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads}): "
+            "grouped-query attention cannot split the heads. Fix the model config (--config_overrides)."
         )
+
+
+def attention_heads(config):
+    """Query and key/value heads; a config without num_key_value_heads (GPT-2, ...) has one key/value head a query
+    head."""
+    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def skip_causal_mask(model):

@@ -49,6 +49,7 @@ from unittest.mock import patch
 
 from embedded_default import prepare_default_corpus, small_llama_config
 from magi_utils import (
+    attention_heads,
     check_model_takes_magi_attention,
     check_supported_versions,
     cp_device_mesh,
@@ -238,11 +239,12 @@ class MagiTrainer(Trainer):
         # Each sample is its own causal sequence in one flattened token stream, cut into chunks over the CP group.
         cu_seqlens_q, cu_seqlens_k = magi_api.infer_varlen_mask_from_batch(batch_size, seq_len, device=input_ids.device)
         chunk_size = default_chunk_size(batch_size * seq_len, self.cp_size)
+        num_heads_q, num_heads_kv = attention_heads(config)
         key = magi_api.magi_attn_varlen_key(
             cu_seqlens_q,
             cu_seqlens_k,
-            num_heads_q=config.num_attention_heads,
-            num_heads_kv=config.num_key_value_heads,
+            num_heads_q=num_heads_q,
+            num_heads_kv=num_heads_kv,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             pad_size=magi_api.compute_pad_size(batch_size * seq_len, self.cp_size, chunk_size),
             cp_group_or_mesh=self.accelerator.cp_group,
