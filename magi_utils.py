@@ -19,7 +19,7 @@ from transformers.utils.versions import require_version
 from magi_portable import default_chunk_size  # noqa: F401
 
 # The two stacks the overrides are written and tested for: (transformers, accelerate, how to install it). Where
-# their internals differ, the functions below (stack_differences) say so.
+# their internals differ is below, under "Where the two supported stacks differ".
 SUPPORTED_STACKS = (
     ("transformers>=4.51.0,<4.52.0", "accelerate>=1.6.0,<1.10.0", "pip install -r requirements.txt"),
     ("transformers>=5.17.0,<5.24.0", "accelerate>=1.15.0,<1.16.0", "pip install -r requirements-current.txt"),
