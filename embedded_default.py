@@ -76,6 +76,11 @@ def _train_tokenizer(train_file, tokenizer_dir):
         model_max_length=1_000_000, model_input_names=["input_ids", "attention_mask"],
     )
     tokenizer.save_pretrained(tokenizer_dir)
+    # transformers 5 saves the class as "TokenizersBackend", which 4.51 cannot load; both load this name, so one
+    # folder serves both supported stacks.
+    config_file = Path(tokenizer_dir) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
 
 
 def prepare_default_corpus(data_dir=Path(__file__).parent / "data"):
@@ -94,13 +99,15 @@ def prepare_default_corpus(data_dir=Path(__file__).parent / "data"):
             if sha256(corpus_dir / name) != h:
                 raise RuntimeError(f"{corpus_dir / name} does not have the expected sha256 {h}.")
 
-    # The tokenizer is rebuilt when the corpus changed or a file of it is missing.
+    # The tokenizer is rebuilt when the corpus changed or a file of it is missing or changed.
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
-    tokenizer_file = tokenizer_dir / "tokenizer.json"
-    if manifest.get("train.txt") != TRAIN_SHA256 or not tokenizer_file.exists() or \
-            sha256(tokenizer_file) != manifest.get("tokenizer.json"):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    if manifest.get("train.txt") != TRAIN_SHA256 or not all(
+        (tokenizer_dir / name).exists() and sha256(tokenizer_dir / name) == manifest.get(name)
+        for name in tokenizer_files
+    ):
         _train_tokenizer(train_file, tokenizer_dir)
-        manifest = {**expected, "tokenizer.json": sha256(tokenizer_file)}
+        manifest = {**expected, **{name: sha256(tokenizer_dir / name) for name in tokenizer_files}}
         manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
     return str(train_file), str(validation_file), str(tokenizer_dir)
 

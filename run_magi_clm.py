@@ -38,7 +38,6 @@ from accelerate.utils import recursively_apply
 from datasets import load_dataset
 from safetensors import SafetensorError, safe_open
 from einops import rearrange
-from torch.distributed.device_mesh import init_device_mesh
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -56,8 +55,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from embedded_default import prepare_default_corpus, small_llama_config
 from magi_utils import (
+    attention_heads,
     check_model_takes_magi_attention,
     check_supported_versions,
+    cp_device_mesh,
     default_chunk_size,
     magi_api,
     skip_causal_mask,
@@ -238,14 +239,11 @@ class MagiAccelerator(Accelerator):
     def __init__(self, *args, cp_size, **kwargs):
         super().__init__(*args, **kwargs)
         self.cp_size = cp_size
-        self.device_mesh = init_device_mesh(
-            self.device.type, (self.num_processes // cp_size, cp_size), mesh_dim_names=("dp", "tp")
-        )
-        self.cp_group = self.device_mesh["tp"].get_group()
+        self.cp_mesh, self.cp_group = cp_device_mesh(self.device.type, cp_size, self.num_processes)
 
     def _prepare_device_mesh(self):
-        # accelerate 1.6 hands the ranks of a "tp" group the same batches: the CP ranks sit there.
-        return self.device_mesh if self.cp_size > 1 else None
+        # The data loader reads the mesh: the ranks of a CP group get the same batches.
+        return self.cp_mesh if self.cp_size > 1 else super()._prepare_device_mesh()
 
     def gather(self, tensor):
         # The ranks of a CP group hold the same samples: count them once (token counts, eval metrics).
@@ -303,11 +301,12 @@ class MagiTrainer(Trainer):
             position_ids = torch.arange(seq_len, device=input_ids.device).repeat(batch_size)
         cu_seqlens = F.pad((position_ids == 0).nonzero().flatten(), (0, 1), value=position_ids.numel()).to(torch.int32)
         chunk_size = default_chunk_size(batch_size * seq_len, self.cp_size)
+        num_heads_q, num_heads_kv = attention_heads(config)
         key = magi_api.magi_attn_varlen_key(
             cu_seqlens,
             cu_seqlens,
-            num_heads_q=config.num_attention_heads,
-            num_heads_kv=config.num_key_value_heads,
+            num_heads_q=num_heads_q,
+            num_heads_kv=num_heads_kv,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             pad_size=magi_api.compute_pad_size(batch_size * seq_len, self.cp_size, chunk_size),
             cp_group_or_mesh=self.accelerator.cp_group,
@@ -325,7 +324,10 @@ class MagiTrainer(Trainer):
             "input_ids": magi_api.dispatch(input_ids.flatten(), self.magi_attn_key).unsqueeze(0),
             "position_ids": magi_api.dispatch(position_ids, self.magi_attn_key).unsqueeze(0),
             "magi_attn_key": self.magi_attn_key,
-            "shift_labels": magi_api.dispatch(shift_labels.flatten(), self.magi_attn_key, pad_value=-100).unsqueeze(0),
+            # Not named "shift_labels": transformers 5 would count an eval batch's tokens from that key, this rank's.
+            "local_shift_labels": magi_api.dispatch(
+                shift_labels.flatten(), self.magi_attn_key, pad_value=-100
+            ).unsqueeze(0),
             "num_label_tokens": (shift_labels != -100).sum(),
             "labels": labels,  # the whole batch's, for the eval metrics
         }
@@ -338,8 +340,8 @@ class MagiTrainer(Trainer):
             input_ids=inputs["input_ids"],
             position_ids=inputs["position_ids"],
             magi_attn_key=inputs["magi_attn_key"],
-            labels=inputs["shift_labels"],
-            shift_labels=inputs["shift_labels"],
+            labels=inputs["local_shift_labels"],
+            shift_labels=inputs["local_shift_labels"],
             num_items_in_batch=inputs["num_label_tokens"] if num_items_in_batch is None else num_items_in_batch,
         )
         loss = outputs.loss
@@ -591,11 +593,9 @@ def main():
     logger.info(f"Context parallelism over {magi_args.cp_size} ranks, attention by {magi_api.__name__}")
 
     if model_args.model_name_or_path:
-        torch_dtype = (
-            model_args.torch_dtype
-            if model_args.torch_dtype in ["auto", None]
-            else getattr(torch, model_args.torch_dtype)
-        )
+        # Unset means float32 on both stacks (transformers 5 would take the checkpoint's own dtype, as for "auto").
+        torch_dtype = model_args.torch_dtype or "float32"
+        torch_dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             from_tf=bool(".ckpt" in model_args.model_name_or_path),

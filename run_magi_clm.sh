@@ -96,4 +96,5 @@ torchrun "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
   --lr_scheduler_type cosine --optim adamw_torch --weight_decay 0.1 --max_grad_norm 1.0 \
   --logging_steps 1 --eval_strategy no --save_strategy steps --save_total_limit 2 \
   --seed 42 --report_to none --ddp_find_unused_parameters False \
+  --average_tokens_across_devices True \
   "${RECIPE_ARGS[@]}" "${DEVICE_ARGS[@]}" "$@"

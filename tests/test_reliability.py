@@ -4,6 +4,7 @@ exactly, runs are deterministic, and one failing rank stops the whole job.
 Every run is real: CPU processes with gloo, through the launchers or started rank by rank.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import embedded_default
-import magi_portable
 import magi_utils
 import run_magi_clm
 
@@ -136,9 +135,9 @@ BAD_INPUTS = [
      "0.0.1 is an empty placeholder). Build MagiAttention from source on a Hopper GPU (git clone --recursive "
      "https://github.com/SandAI-org/MagiAttention && pip install --no-build-isolation .), or unset "
      "MAGI_ATTENTION_BACKEND to use magi_portable."),
-    ("model without the attention registry",
-     ["--model_type", "gpt2", "--config_overrides", "n_embd=32,n_layer=1,n_head=2"], {},
-     "ValueError: GPT2LMHeadModel cannot take the registered attention function 'Magi_Attention': it does not "
+    ("model without the attention registry",  # BLOOM, in transformers 4.51 and 5 (GPT-2 takes it in 5)
+     ["--model_type", "bloom", "--config_overrides", "hidden_size=32,n_layer=1,n_head=2"], {},
+     "ValueError: BloomForCausalLM cannot take the registered attention function 'Magi_Attention': it does not "
      "call attention through transformers' ALL_ATTENTION_FUNCTIONS. Use a model that does (Llama, Mistral, "
      "Qwen2, ...) or run run_origin_clm.py."),
     ("missing train file", ["--train_file", "{tmp}/missing.txt"], {},
@@ -202,20 +201,40 @@ def test_validation_file_without_train_file_is_refused(data, tmp_path):
                               "--train_file too, or neither to train on the embedded default.")
 
 
-@pytest.mark.parametrize("package, installed, unsupported, supported", [
-    ("transformers", "4.51.3", "4.52.0", ">=4.51.0,<4.52.0"),
-    ("accelerate", "1.6.0", "1.10.0", ">=1.6.0,<1.10.0"),
+SUPPORTED_STACKS_LINE = (
+    "the context-parallel overrides are written for transformers>=4.51.0,<4.52.0 with accelerate>=1.6.0,<1.10.0 "
+    "(pip install -r requirements.txt) or transformers>=5.17.0,<5.24.0 with accelerate>=1.15.0,<1.16.0 "
+    "(pip install -r requirements-current.txt)."
+)
+
+
+def installed_versions(monkeypatch, transformers_version, accelerate_version):
+    """Stand in for the installed versions where require_version reads them."""
+    real_version = importlib.metadata.version
+    fake = {"transformers": transformers_version, "accelerate": accelerate_version}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: fake.get(name) or real_version(name))
+
+
+@pytest.mark.parametrize("transformers_version, accelerate_version", [
+    ("4.51.3", "1.6.0"), ("4.51.0", "1.9.0"), ("5.17.0", "1.15.0"), ("5.23.0", "1.15.0"), ("5.23.1", "1.15.2"),
 ])
-def test_unsupported_version_is_refused_first(monkeypatch, tmp_path, package, installed, unsupported, supported):
-    # transformers' lazy module ignores an assigned __version__: stand in for the package where the check reads it.
-    assert getattr(magi_utils, package).__version__ == installed
-    monkeypatch.setattr(magi_utils, package, types.SimpleNamespace(__name__=package, __version__=unsupported))
+def test_supported_versions_are_taken(monkeypatch, transformers_version, accelerate_version):
+    installed_versions(monkeypatch, transformers_version, accelerate_version)
+    magi_utils.check_supported_versions()
+
+
+@pytest.mark.parametrize("transformers_version, accelerate_version", [
+    ("4.52.0", "1.6.0"), ("4.51.3", "1.10.0"), ("4.51.3", "1.15.0"), ("5.16.0", "1.15.0"), ("5.24.0", "1.15.0"),
+    ("5.23.0", "1.14.0"), ("5.23.0", "1.6.0"),
+])
+def test_unsupported_version_is_refused_first(monkeypatch, tmp_path, transformers_version, accelerate_version):
+    installed_versions(monkeypatch, transformers_version, accelerate_version)
     monkeypatch.setattr(sys, "argv", ["run_magi_clm.py", "--output_dir", str(tmp_path), "--use_cpu"])
     with pytest.raises(RuntimeError) as error:
         run_magi_clm.main()
     assert str(error.value) == (
-        f"{package} {unsupported} is not supported: the context-parallel overrides are written for "
-        f"{package}{supported}. Install the pinned versions: pip install -r requirements.txt"
+        f"transformers {transformers_version} with accelerate {accelerate_version} is not supported: "
+        + SUPPORTED_STACKS_LINE
     )
 
 
@@ -342,7 +361,9 @@ def test_interrupted_cp_run_resumes_exactly(cp_run, tmp_path):
     resumed = train("run_magi_clm.sh", interrupted, "--resume_from_checkpoint",
                     str(interrupted / f"checkpoint-{SAVE_STEPS}"))
     assert f"Resuming the run in {interrupted} from {interrupted / f'checkpoint-{SAVE_STEPS}'}." in resumed["log"]
-    assert f"Continuing training from global step {SAVE_STEPS}" in resumed["log"]
+    # transformers 4.51's wording, then transformers 5's.
+    assert re.search(rf"(Continuing training from|Resuming training from checkpoint with epoch \d+ and) global step "
+                     rf"{SAVE_STEPS}\b", resumed["log"])
     # Steps 1-5 come from the checkpoint; 6-10 were trained again, on the same batches at the same learning rates
     # (the entries hold the loss, gradient norm and learning rate).
     assert resumed["steps"] == full["steps"]
