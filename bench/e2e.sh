@@ -50,7 +50,7 @@ for len in "$@"; do
       "$script" "${extra[@]}" --model_type llama --config_overrides "$MODEL,max_position_embeddings=$len" \
       --block_size "$len" --per_device_train_batch_size 1 --bf16 --optim adamw_torch_fused \
       --max_steps $steps --logging_steps 1 --save_strategy no --report_to none --do_train \
-      --output_dir /tmp/e2e_out --overwrite_output_dir --disable_tqdm true "${DATA_ARGS[@]}" \
+      --output_dir "$(mktemp -d /tmp/e2e_out.XXXX)" --disable_tqdm true "${DATA_ARGS[@]}" \
       "${MODE_ARGS[@]}" ${EXTRA_ARGS:-} > "$RUN_LOG" 2>&1
     rc=$?
     cat "$RUN_LOG" >> "$FULL_LOG"
