@@ -271,14 +271,21 @@ class MagiTrainer(Trainer):
         finally:
             trainer_module.Accelerator = Accelerator
 
-    def set_initial_training_values(self, args, dataloader, total_train_batch_size):
+    def global_batch(self, total_train_batch_size):
         # The Trainer multiplies the batch by every process, where a CP group holds one batch: the samples counted in
-        # the speed metrics, and its "Total train batch size" log line (which it prints from its own figure).
-        total_train_batch_size //= self.cp_size
+        # the speed metrics, and its "Total train batch size" log line.
         if self.cp_size > 1:
-            logger.info(f"Global batch: {total_train_batch_size} samples a step (the Trainer's total train batch size "
-                        f"below counts each sample once per rank of a CP group)")
-        return super().set_initial_training_values(args, dataloader, total_train_batch_size)
+            logger.info(f"Global batch: {total_train_batch_size // self.cp_size} samples a step")
+        return total_train_batch_size // self.cp_size
+
+    def set_initial_training_values(self, args, dataloader, total_train_batch_size=None):
+        # transformers 4.51 hands the Trainer's figure in here; 5 computes it in get_total_train_batch_size.
+        if total_train_batch_size is None:
+            return super().set_initial_training_values(args, dataloader)
+        return super().set_initial_training_values(args, dataloader, self.global_batch(total_train_batch_size))
+
+    def get_total_train_batch_size(self, args):
+        return self.global_batch(super().get_total_train_batch_size(args))
 
     def floating_point_ops(self, inputs):
         # Every rank of a CP group is handed the whole batch and computes a cp_size-th of it; the Trainer sums the

@@ -39,7 +39,7 @@ for name, path in zip(("train", "validation"), prepare_default_corpus()[:2]):
 PY
 DATA_ARGS=(--train_file $DATA/train.json --validation_file $DATA/validation.json --tokenizer_name data/shakespeare/tokenizer)
 MODEL="hidden_size=2048,intermediate_size=8192,num_hidden_layers=16,num_attention_heads=32,num_key_value_heads=8"
-MODEL+=",head_dim=64,vocab_size=128256,rope_theta=500000,tie_word_embeddings=true"
+MODEL+=",head_dim=64,vocab_size=128256,tie_word_embeddings=true"
 
 for len in "$@"; do
   # Long steps take long: fewer of them (the first steps compile, allocate the optimizer state and warm up).
