@@ -96,7 +96,6 @@ def data(tmp_path_factory):
     (tmp / "empty.txt").write_text("")
     (tmp / "tiny.txt").write_text("Too short.\n")
     (tmp / "utf16.txt").write_text(small_text, encoding="utf-16")
-    (tmp / "binary.txt").write_bytes(bytes(range(256)) * 100)
     # An earlier run's output folder, and one that a live process (this one) holds.
     for step in (30, 35):
         (tmp / "earlier" / f"checkpoint-{step}").mkdir(parents=True)
@@ -147,9 +146,6 @@ BAD_INPUTS = [
      "ValueError: The train text is shorter than one block of 64 tokens: give more text or a smaller --block_size."),
     ("UTF-16 train file", ["--train_file", "{tmp}/utf16.txt"], {},
      "ValueError: Data file {tmp}/utf16.txt is not UTF-8 text (invalid start byte): convert it to UTF-8 (e.g. with "
-     "iconv)."),
-    ("binary train file", ["--train_file", "{tmp}/binary.txt"], {},
-     "ValueError: Data file {tmp}/binary.txt is not UTF-8 text (invalid start byte): convert it to UTF-8 (e.g. with "
      "iconv)."),
     ("output folder of an earlier run", ["--output_dir", "{tmp}/earlier"], {},
      "ValueError: Output folder {tmp}/earlier holds an earlier run (checkpoint-30, checkpoint-35): resume it with "
