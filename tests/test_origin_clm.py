@@ -10,7 +10,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 import embedded_default
-from run_origin_clm import DataTrainingArguments, ModelArguments, group_texts
+from run_origin_clm import DataTrainingArguments, ModelArguments, group_texts, load_raw_datasets
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,16 @@ def test_config_overrides_with_a_pretrained_model_is_refused():
 def test_data_file_extension_is_checked():
     with pytest.raises(ValueError, match=r"\.csv, \.json or \.txt"):
         DataTrainingArguments(train_file="corpus.parquet")
+
+
+def test_a_binary_data_file_is_named_before_loading(tmp_path):
+    # The same check as the UTF-16 row of test_reliability.py's BAD_INPUTS, without starting ranks.
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 100)
+    with pytest.raises(ValueError) as error:
+        load_raw_datasets(DataTrainingArguments(train_file=str(binary)), ModelArguments())
+    assert str(error.value) == \
+        f"Data file {binary} is not UTF-8 text (invalid start byte): convert it to UTF-8 (e.g. with iconv)."
 
 
 def test_help_lists_every_upstream_argument():
