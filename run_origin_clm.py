@@ -416,14 +416,17 @@ def main():
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
         logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
 
-    # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it is.
+    # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it
+    # is, with eager or SDPA attention. transformers 4.51's build their mask in _update_causal_mask, which passes a 4D
+    # mask through; transformers 5's that call attention through its registry build it in masking_utils, which does.
     if data_args.document_masking and not (
-        model.config._attn_implementation in ("eager", "sdpa")
-        and hasattr(model, "get_decoder") and hasattr(model.get_decoder(), "_update_causal_mask")
+        model.config._attn_implementation in ("eager", "sdpa") and hasattr(model, "get_decoder")
+        and (hasattr(model.get_decoder(), "_update_causal_mask") or int(transformers.__version__.split(".")[0]) >= 5
+             and getattr(model, "_supports_attention_backend", False))
     ):
         raise ValueError(
             f"{type(model).__name__} with {model.config._attn_implementation} attention cannot take the document "
-            "mask: --document_masking needs a model that builds its mask in _update_causal_mask (Llama, Mistral, "
+            "mask: --document_masking needs a model that takes a 4D attention mask as it is (Llama, Mistral, "
             "Qwen2, ...) with eager or sdpa attention."
         )
 

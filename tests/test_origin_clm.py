@@ -149,5 +149,5 @@ def test_document_masking_refuses_a_model_that_cannot_take_the_document_mask(tmp
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "ValueError: GPT2LMHeadModel with sdpa attention cannot take the document mask: --document_masking needs a "
-        "model that builds its mask in _update_causal_mask (Llama, Mistral, Qwen2, ...) with eager or sdpa attention."
+        "model that takes a 4D attention mask as it is (Llama, Mistral, Qwen2, ...) with eager or sdpa attention."
     )
