@@ -20,21 +20,7 @@ if [ "$RECIPE" = full ]; then
   # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs. Checked at once, rather than
   # after the data loader's retries.
   export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
-  python -c '
-import sys, torch
-from huggingface_hub import auth_check
-from huggingface_hub.errors import HfHubHTTPError
-if not torch.cuda.is_available():
-    sys.exit("RECIPE=full needs GPUs and this machine has none (torch sees no CUDA device): use RECIPE=default here")
-try:
-    auth_check("meta-llama/Llama-3.2-1B")
-except HfHubHTTPError:
-    sys.exit("RECIPE=full needs access to the gated meta-llama/Llama-3.2-1B: accept its license on huggingface.co, "
-             "then log in with huggingface-cli login (or set HF_TOKEN)")
-except Exception as error:
-    sys.exit(f"RECIPE=full needs the Hugging Face Hub, which this machine cannot reach ({type(error).__name__}): "
-             "use RECIPE=default here")
-'
+  python scripts/check_full_recipe.py
   PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
   RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
     --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
