@@ -177,6 +177,9 @@ class _Plan:
     key_index: torch.Tensor | None
     cu_seqlens_q: torch.Tensor  # int32, over the query ranges
     cu_seqlens_k: torch.Tensor  # int32, over their keys
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_keys: int  # all ranges' keys, laid end to end
     block_mask: object = None  # FlexAttention BlockMask, built on first CUDA call
 
 
@@ -223,9 +226,10 @@ def _build_plan(cu_seqlens, causal, chunk_size, padded_total, group, device) -> 
     query_ranges, num_local_pad = _query_ranges(rank_chunks[cp_rank], chunk_size, cu_seqlens)
 
     key_ranges = [(r.sample_start, r.key_end(causal)) for r in query_ranges]
-    key_index = torch.cat([torch.zeros(0, dtype=torch.long)] + [global_to_dispatch[start:end] for start, end in key_ranges])
+    query_lengths, key_lengths = [r.length for r in query_ranges], [end - start for start, end in key_ranges]
+    key_index = torch.cat([torch.zeros(0, dtype=torch.long), *(global_to_dispatch[s:e] for s, e in key_ranges)])
     if torch.equal(key_index, torch.arange(len(key_index))):
-        key_index = None  # the keys are the first local tokens, in order: no copy needed
+        key_index = None  # the keys are the first gathered tokens, in order: no copy needed
 
     def cumulative(lengths):
         return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
@@ -242,8 +246,11 @@ def _build_plan(cu_seqlens, causal, chunk_size, padded_total, group, device) -> 
         query_ranges=query_ranges,
         num_local_pad=num_local_pad,
         key_index=None if key_index is None else key_index.to(device),
-        cu_seqlens_q=cumulative([r.length for r in query_ranges]),
-        cu_seqlens_k=cumulative([end - start for start, end in key_ranges]),
+        cu_seqlens_q=cumulative(query_lengths),
+        cu_seqlens_k=cumulative(key_lengths),
+        max_seqlen_q=max(query_lengths, default=0),
+        max_seqlen_k=max(key_lengths, default=0),
+        num_keys=sum(key_lengths),
     )
 
 
@@ -548,19 +555,16 @@ def _attend_fa4(q, k_gathered, v_gathered, key, scale):
     range's dK in place). The copy's backward adds the gradients of shared keys."""
     plan = key.plan
     num_valid = q.shape[0] - plan.num_local_pad
-    lengths_q = [r.length for r in plan.query_ranges]
-    lengths_k = [r.key_end(key.causal) - r.sample_start for r in plan.query_ranges]
     if plan.key_index is None:  # the keys are the first gathered tokens, in order (CP 1): no copy
-        num_keys = sum(lengths_k)
-        k_ranges, v_ranges = (t.split([num_keys, len(t) - num_keys])[0] for t in (k_gathered, v_gathered))
+        k_ranges, v_ranges = (t.split([plan.num_keys, len(t) - plan.num_keys])[0] for t in (k_gathered, v_gathered))
     else:
         k_ranges, v_ranges = k_gathered.index_select(0, plan.key_index), v_gathered.index_select(0, plan.key_index)
     if plan.num_local_pad:
         # split, not slicing: the backward of a slice builds a zero gradient the size of q.
         q = q.split([num_valid, plan.num_local_pad])[0]
     out, lse = _fa4_varlen_attention(
-        q, k_ranges, v_ranges, plan.cu_seqlens_q, plan.cu_seqlens_k, max(lengths_q, default=0),
-        max(lengths_k, default=0), scale, key.causal,
+        q, k_ranges, v_ranges, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, scale,
+        key.causal,
     )
     return _with_pad_tail([out], [lse], plan.num_local_pad)
 
