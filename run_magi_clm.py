@@ -54,6 +54,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.trainer_utils import get_last_checkpoint
 
 from embedded_default import prepare_default_corpus, small_llama_config
+from long_context import enable_memory_options
 from magi_utils import (
     attention_heads,
     check_model_takes_magi_attention,
@@ -120,6 +121,13 @@ class ModelArguments:
     low_cpu_mem_usage: bool = field(
         default=False,
         metadata={"help": "Create the model as an empty shell and materialise it while loading the weights"},
+    )
+    tiled_mlp_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Run each decoder layer's MLP over tiles of this many tokens of the sequence, forward and backward: "
+            "less activation memory at long context, the same math (long_context.py)"
+        },
     )
 
     def __post_init__(self):
@@ -273,7 +281,7 @@ class MagiTrainer(Trainer):
 
     def global_batch(self, total_train_batch_size):
         # The Trainer multiplies the batch by every process, where a CP group holds one batch: the samples counted in
-        # the speed metrics, and its "Total train batch size" log line.
+        # the speed metrics (on transformers 5 also its "Total train batch size" log line; 4.51 logs its own figure).
         if self.cp_size > 1:
             logger.info(f"Global batch: {total_train_batch_size // self.cp_size} samples a step")
         return total_train_batch_size // self.cp_size
@@ -534,6 +542,7 @@ def main():
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger(enable_memory_options.__module__).setLevel(log_level)
     logging.getLogger(magi_api.__name__).setLevel(log_level)  # the backend logs which attention kernel runs
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
@@ -717,6 +726,8 @@ def main():
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
+    # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
+    enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

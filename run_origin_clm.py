@@ -44,6 +44,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from embedded_default import prepare_default_corpus, small_llama_config
+from long_context import enable_memory_options
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,13 @@ class ModelArguments:
     low_cpu_mem_usage: bool = field(
         default=False,
         metadata={"help": "Create the model as an empty shell and materialise it while loading the weights"},
+    )
+    tiled_mlp_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Run each decoder layer's MLP over tiles of this many tokens of the sequence, forward and backward: "
+            "less activation memory at long context, the same math (long_context.py)"
+        },
     )
 
     def __post_init__(self):
@@ -337,6 +345,7 @@ def main():
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger(enable_memory_options.__module__).setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
@@ -527,6 +536,8 @@ def main():
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
+    # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
+    enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

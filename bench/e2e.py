@@ -31,10 +31,13 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 class StepTimer(TrainerCallback):
     def __init__(self, profile_step):
-        self.step_ends, self.losses = [], []
+        self.first_step_begin, self.step_ends, self.losses = None, [], []
         self.profile_step, self.profiler = profile_step, None
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.first_step_begin is None:
+            torch.cuda.synchronize()
+            self.first_step_begin = time.perf_counter()
         if state.global_step + 1 == self.profile_step:
             self.profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
@@ -57,7 +60,8 @@ class StepTimer(TrainerCallback):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", required=True, help="JSON lines file to append this run's result to")
-    parser.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the timing")
+    parser.add_argument("--warmup_steps", type=int, default=2,
+                        help="steps left out of the timing (0: time every step, the first with its compiles)")
     parser.add_argument("--profile_step", type=int, help="print torch.profiler's table of this step (1-based)")
     parser.add_argument("--weights_dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the initialised weights, and so of their gradients and AdamW state. The scripts "
@@ -66,8 +70,6 @@ def main():
     parser.add_argument("script", help="run_origin_clm.py or run_magi_clm.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    if args.warmup_steps < 1:
-        parser.error("--warmup_steps must be at least 1: the first step has no start time")
     script_arg = {name: value for name, value in zip(args.script_args, args.script_args[1:])}
     if "--gradient_accumulation_steps" in script_arg:
         raise SystemExit("bench/e2e.py counts the tokens of a step without gradient accumulation.")
@@ -101,11 +103,12 @@ def main():
     except torch.OutOfMemoryError as error:
         result.update(status="OOM", error=str(error).splitlines()[0])
     else:
-        timed = timer.step_ends[args.warmup_steps - 1 :]
+        marks = [timer.first_step_begin] + timer.step_ends  # the first step's start, then every step's end
+        timed = marks[args.warmup_steps :]
         if len(timed) < 2:
             raise SystemExit(f"ran {len(timer.step_ends)} steps: need more than --warmup_steps {args.warmup_steps}")
         step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
-        step_times = [round(b - a, 4) for a, b in zip(timer.step_ends, timer.step_ends[1:])]
+        step_times = [round(b - a, 4) for a, b in zip(marks, marks[1:])]
         result.update(status="ok", steps=len(timer.step_ends), timed_steps=len(timed) - 1, step_s=round(step_s, 4),
                       tokens_per_s=round(tokens_per_step / step_s), step_times_s=step_times, losses=timer.losses)
     result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),

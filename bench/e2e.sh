@@ -5,6 +5,7 @@
 #   WEIGHTS=bfloat16 bash bench/e2e.sh ...           # bf16 weights/gradients/AdamW state (default: float32)
 #   NPROC=2 SCRIPTS=run_magi_clm.py bash bench/e2e.sh gc_liger 262144   # CP over 2 GPUs (--cp_size NPROC)
 #   EXTRA_ARGS="--document_masking" bash bench/e2e.sh ...                # more arguments for both scripts
+#   DOCS=scenes bash bench/e2e.sh ...   # the corpus as one document per scene (84 to 35k tokens), not 5000-line pieces
 # Model: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied embeddings),
 # random init, bf16 autocast, batch 1, fused AdamW, on the embedded default corpus. Results: $RESULTS (JSON lines).
 set -uo pipefail
@@ -26,15 +27,23 @@ case $MODE in
 esac
 # Data: the embedded default's text, as JSON documents of 5000 lines. Its .txt files are read one example per line,
 # and group_texts drops the remainder of every 1000-line batch (about 10k tokens): no block longer than that.
-DATA=/tmp/e2e_data
-python3 - "$DATA" <<'PY'
-import json, sys
+# DOCS=scenes: one document per scene, cut before each scene heading; the text before the first heading (poems,
+# sonnets: 482k tokens without scene headings) is left out.
+DOCS=${DOCS:-chunks}
+DATA=${DATA:-/tmp/e2e_data_$DOCS}   # separate folders for runs that share a machine
+python3 - "$DATA" "$DOCS" <<'PY'
+import json, re, sys
 from pathlib import Path
 from embedded_default import prepare_default_corpus
-out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
+out, docs_kind = Path(sys.argv[1]), sys.argv[2]
+out.mkdir(exist_ok=True)
 for name, path in zip(("train", "validation"), prepare_default_corpus()[:2]):
-    lines = Path(path).read_text().splitlines(keepends=True)
-    docs = ["".join(lines[i : i + 5000]) for i in range(0, len(lines), 5000)]
+    text = Path(path).read_text()
+    if docs_kind == "scenes":
+        docs = re.split(r"\n(?=(?:SCENE|Scene) )", text)[1:] or [text]
+    else:
+        lines = text.splitlines(keepends=True)
+        docs = ["".join(lines[i : i + 5000]) for i in range(0, len(lines), 5000)]
     (out / f"{name}.json").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 PY
 DATA_ARGS=(--train_file $DATA/train.json --validation_file $DATA/validation.json --tokenizer_name data/shakespeare/tokenizer)
@@ -43,7 +52,9 @@ MODEL+=",head_dim=64,vocab_size=128256,tie_word_embeddings=true"
 
 for len in "$@"; do
   # Long steps take long: fewer of them (the first steps compile, allocate the optimizer state and warm up).
-  if [ "$len" -ge 131072 ]; then steps=$(( len >= 262144 ? 2 : 3 )); warmup=1; else steps=10; warmup=3; fi
+  # From 1048576 tokens (minutes a step): one step, timed with its first-call compiles.
+  if [ "$len" -ge 1048576 ]; then steps=1; warmup=0
+  elif [ "$len" -ge 131072 ]; then steps=$(( len >= 262144 ? 2 : 3 )); warmup=1; else steps=10; warmup=3; fi
   for script in $SCRIPTS; do
     extra=(); [ "$script" = run_magi_clm.py ] && extra=(--cp_size $NPROC)
     torchrun --standalone --nproc_per_node $NPROC bench/e2e.py --results "$RESULTS" --warmup_steps $warmup --weights_dtype $WEIGHTS \

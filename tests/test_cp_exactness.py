@@ -100,3 +100,13 @@ def test_cp_run_matches_the_baseline(baseline, tmp_path, cp_size, data_parallel,
     assert sequences >= 2 * samples if document_masking else sequences == samples
     assert f"Global batch: {GLOBAL_BATCH} samples a step" in cp_run["log"]
     assert_same_training(cp_run, baseline(data_parallel, document_masking))
+
+
+def test_cp_run_with_the_memory_options_matches_the_baseline(baseline, tmp_path):
+    """Checkpointed layer inputs offloaded and the MLP in tiles of 37 tokens (long_context.py), under CP 2."""
+    options = ["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"offload": true}',
+               "--tiled_mlp_tokens", "37"]
+    cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=2, cp_size=2, extra=options)
+    assert "keeps the checkpointed layer inputs in CPU memory" in cp_run["log"]
+    assert "MLP runs over tiles of 37 tokens" in cp_run["log"]
+    assert_same_training(cp_run, baseline(1, False))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plot_results import max_abs_difference, read_losses
+from plot_results import max_abs_difference, mean_abs_difference, read_losses
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,6 +26,14 @@ def test_reads_losses_and_measures_the_largest_difference(tmp_path):
     assert max_abs_difference(run, baseline) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no logged step in common"):
         max_abs_difference({7: 1.0}, baseline)
+
+
+def test_mean_difference_over_the_last_steps():
+    baseline = {1: 3.0, 2: 2.0, 3: 1.0}
+    run = {1: 9.0, 2: 2.2, 3: 1.0}
+    assert mean_abs_difference(run, baseline, 2) == pytest.approx(0.1)  # steps 2 and 3, not the first
+    with pytest.raises(ValueError, match="2 logged steps in common, fewer than 3"):
+        mean_abs_difference({2: 2.0, 3: 1.0}, baseline, 3)
 
 
 def test_writes_the_figure(tmp_path):

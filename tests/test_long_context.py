@@ -1,0 +1,96 @@
+"""The memory options of long_context.py (both scripts): checkpointed layer inputs offloaded to CPU memory, the MLP in
+sequence tiles. They move and split work without changing what is computed: a tiny Llama trained by the Trainer
+on CPU with each option against without, step by step. (tests/test_cp_exactness.py runs them under CP.)"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+from long_context import TiledMLP, enable_memory_options
+
+LAYERS, HIDDEN, TOKENS, BATCH = 2, 32, 48, 2
+
+
+def train(tmp_path, tiled_mlp_tokens=None, mlp_lengths=None, **training_args):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TOKENS)
+    model = LlamaForCausalLM(config)
+    if mlp_lengths is not None:  # records the sequence length that each MLP call sees
+        for layer in model.model.layers:
+            layer.mlp.down_proj.register_forward_hook(lambda module, inputs, out: mlp_lengths.add(inputs[0].shape[-2]))
+    ids = torch.randint(0, 64, (8, TOKENS), generator=torch.Generator().manual_seed(1)).tolist()
+    args = TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=BATCH, max_steps=3, learning_rate=1e-2, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, seed=0, **training_args,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids],
+                      data_collator=default_data_collator)
+    enable_memory_options(trainer, tiled_mlp_tokens)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(run, reference):
+    """Same losses and parameters up to float32 rounding (the tiles sum the weights' gradients in another order)."""
+    assert run[0] == pytest.approx(reference[0], rel=1e-5)
+    for name, param in reference[1].items():
+        assert (run[1][name] - param).norm() <= 1e-5 * param.norm(), name
+
+
+@pytest.fixture
+def saved_on_cpu(monkeypatch):
+    """Stands in for torch's save_on_cpu (which on a CPU machine has no device to leave) and records the shapes of the
+    tensors saved under it."""
+    shapes = []
+
+    def recording_save_on_cpu(*args, **kwargs):
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", recording_save_on_cpu)
+    return shapes
+
+
+def test_offloading_the_checkpointed_layer_inputs_trains_alike(tmp_path, saved_on_cpu):
+    reference = train(tmp_path / "reference", gradient_checkpointing=True)
+    assert saved_on_cpu == []
+    offloaded = train(tmp_path / "offload", gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True})
+    # Every layer's input went through the offload, every step; nothing of the size of the MLP's activations did.
+    assert saved_on_cpu.count((BATCH, TOKENS, HIDDEN)) >= LAYERS * 3
+    assert max(s[-1] for s in saved_on_cpu if len(s) == 3) == HIDDEN
+    assert_same(offloaded, reference)
+
+
+def test_the_mlp_in_tiles_trains_alike(tmp_path):
+    reference = train(tmp_path / "reference")
+    # 20 does not divide 48: tiles of 20, 20 and 8 tokens; with checkpointing, the tiles run inside the recompute.
+    for gradient_checkpointing in (False, True):
+        lengths = set()
+        tiled = train(tmp_path / f"tiled{gradient_checkpointing}", tiled_mlp_tokens=20, mlp_lengths=lengths,
+                      gradient_checkpointing=gradient_checkpointing)
+        assert lengths == {20, 8}
+        assert_same(tiled, reference)
+
+
+def test_the_tiles_recompute_under_the_forwards_autocast():
+    calls = []
+    linear = torch.nn.Linear(8, 8)
+
+    def forward(x):
+        calls.append((x.shape[-2], torch.is_autocast_enabled("cpu")))
+        return linear(x)
+
+    x = torch.randn(1, 10, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = TiledMLP.apply(forward, 4, x, linear.weight, linear.bias)
+    out.float().sum().backward()
+    assert calls == [(4, True), (4, True), (2, True)] * 2  # forward, then again in the backward
+    assert out.dtype == torch.bfloat16 and linear.weight.grad.dtype == torch.float32
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="add --gradient_checkpointing"):
+        train(tmp_path / "a", gradient_checkpointing_kwargs={"offload": True})
+    with pytest.raises(ValueError, match="--tiled_mlp_tokens must be a positive number"):
+        train(tmp_path / "b", tiled_mlp_tokens=0)
