@@ -542,7 +542,7 @@ def main():
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
-    logging.getLogger(enable_memory_options.__module__).setLevel(log_level)
+    logging.getLogger(enable_memory_options.__module__).setLevel(log_level)  # it logs the memory options it enables
     logging.getLogger(magi_api.__name__).setLevel(log_level)  # the backend logs which attention kernel runs
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
