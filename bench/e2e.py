@@ -12,7 +12,9 @@ The script runs as __main__ through runpy. Around it, never inside its training 
   the CPU takes most of a minute and measures nothing. Both scripts get the same weights (same seed), in
   --weights_dtype;
 - no final save_model/save_state: writing 5 GB of weights is not training;
-- optionally (--profile_step) torch.profiler's table of one step.
+- optionally (--profile_step) torch.profiler's table of one step;
+- optionally (--memory_snapshot) a record of every GPU allocation from before the model is built, saved as a snapshot
+  and summed at the peak by the line that allocated it (bench/memory_peak.py).
 One JSON line per run is appended to --results: tokens/s, step time, peak allocated and reserved memory, the loss of
 every step; or the out-of-memory error.
 """
@@ -20,6 +22,7 @@ every step; or the out-of-memory error.
 import argparse
 import json
 import os
+import pickle
 import runpy
 import sys
 import time
@@ -27,6 +30,8 @@ import time
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+
+from memory_peak import peak_breakdown
 
 
 class StepTimer(TrainerCallback):
@@ -63,6 +68,8 @@ def main():
     parser.add_argument("--warmup_steps", type=int, default=2,
                         help="steps left out of the timing (0: time every step, the first with its compiles)")
     parser.add_argument("--profile_step", type=int, help="print torch.profiler's table of this step (1-based)")
+    parser.add_argument("--memory_snapshot", help="record GPU allocations, write the snapshot here (rank 0) and print "
+                        "what holds the peak (the recording slows the steps a little)")
     parser.add_argument("--weights_dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the initialised weights, and so of their gradients and AdamW state. The scripts "
                         "build the model in float32 (--bf16 then trains under autocast); bfloat16 is the issue's "
@@ -96,6 +103,8 @@ def main():
               "weights_dtype": args.weights_dtype,
               "gradient_checkpointing": "--gradient_checkpointing" in args.script_args,
               "liger": "--use_liger_kernel" in args.script_args}
+    if args.memory_snapshot:
+        torch.cuda.memory._record_memory_history(stacks="python")
     sys.argv = [args.script] + args.script_args
     sys.path[0] = os.path.dirname(os.path.abspath(args.script))  # as `python script.py` would have it
     try:
@@ -114,6 +123,11 @@ def main():
     result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
                   peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
     if os.environ.get("RANK", "0") == "0":  # memory is rank 0's: the ranks of a CP group hold equal shards
+        if args.memory_snapshot:
+            snapshot = torch.cuda.memory._snapshot()  # what torch.cuda.memory._dump_snapshot pickles
+            with open(args.memory_snapshot, "wb") as f:
+                pickle.dump(snapshot, f)
+            print("\n".join(peak_breakdown(snapshot)), flush=True)
         print("E2E_RESULT " + json.dumps(result), flush=True)
         with open(args.results, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -5,6 +5,7 @@
 #   WEIGHTS=bfloat16 bash bench/e2e.sh ...           # bf16 weights/gradients/AdamW state (default: float32)
 #   NPROC=2 SCRIPTS=run_magi_clm.py bash bench/e2e.sh gc_liger 262144   # CP over 2 GPUs (--cp_size NPROC)
 #   EXTRA_ARGS="--document_masking" bash bench/e2e.sh ...                # more arguments for both scripts
+#   E2E_ARGS="--memory_snapshot /tmp/snapshot.pickle" bash bench/e2e.sh ...  # what holds the peak (bench/memory_peak.py)
 #   DOCS=scenes bash bench/e2e.sh ...   # the corpus as one document per scene (84 to 35k tokens), not 5000-line pieces
 # Model: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied embeddings),
 # random init, bf16 autocast, batch 1, fused AdamW, on the embedded default corpus. Results: $RESULTS (JSON lines).
@@ -57,7 +58,7 @@ for len in "$@"; do
   elif [ "$len" -ge 131072 ]; then steps=$(( len >= 262144 ? 2 : 3 )); warmup=1; else steps=10; warmup=3; fi
   for script in $SCRIPTS; do
     extra=(); [ "$script" = run_magi_clm.py ] && extra=(--cp_size $NPROC)
-    torchrun --standalone --nproc_per_node $NPROC bench/e2e.py --results "$RESULTS" --warmup_steps $warmup --weights_dtype $WEIGHTS \
+    torchrun --standalone --nproc_per_node $NPROC bench/e2e.py --results "$RESULTS" --warmup_steps $warmup --weights_dtype $WEIGHTS ${E2E_ARGS:-} \
       "$script" "${extra[@]}" --model_type llama --config_overrides "$MODEL,max_position_embeddings=$len" \
       --block_size "$len" --per_device_train_batch_size 1 --bf16 --optim adamw_torch_fused \
       --max_steps $steps --logging_steps 1 --save_strategy no --report_to none --do_train \
