@@ -34,13 +34,12 @@ def enable_memory_options(trainer, tiled_mlp_tokens):
         )
     if tiled_mlp_tokens is not None and tiled_mlp_tokens <= 0:
         raise ValueError(f"--tiled_mlp_tokens must be a positive number of tokens, got {tiled_mlp_tokens}.")
+    decoder = trainer.model.get_decoder()
     if offload:
         logger.info("Gradient checkpointing keeps the checkpointed layer inputs in CPU memory.")
-        offload_decoder_saved_tensors(trainer.model.get_decoder())
+        offload_decoder_saved_tensors(decoder)
     if tiled_mlp_tokens:
-        if not hasattr(trainer.model.get_decoder(), "layers") or not all(
-            hasattr(layer, "mlp") for layer in trainer.model.get_decoder().layers
-        ):
+        if not all(hasattr(layer, "mlp") for layer in getattr(decoder, "layers", [None])):
             raise ValueError(
                 f"--tiled_mlp_tokens tiles each decoder layer's `mlp`, and {type(trainer.model).__name__} has no "
                 "`layers[i].mlp`: drop --tiled_mlp_tokens for this model."
