@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import recursively_apply
+from accelerate.utils import DistributedDataParallelKwargs, recursively_apply
 from datasets import load_dataset
 from safetensors import SafetensorError, safe_open
 from einops import rearrange
@@ -252,6 +252,13 @@ class MagiAccelerator(Accelerator):
     def _prepare_device_mesh(self):
         # The data loader reads the mesh: the ranks of a CP group get the same batches.
         return self.cp_mesh if self.cp_size > 1 else super()._prepare_device_mesh()
+
+    def prepare_model(self, model, *args, **kwargs):
+        # DDP sums the CP group's gradients (see MagiTrainer.compute_loss). With its buckets as the gradients' storage
+        # it holds one copy of them, not two: 2.3 GiB a GPU less for a 1.2B-parameter model in bf16.
+        self.ddp_handler = self.ddp_handler or DistributedDataParallelKwargs()
+        self.ddp_handler.gradient_as_bucket_view = True
+        return super().prepare_model(model, *args, **kwargs)
 
     def gather(self, tensor):
         # The ranks of a CP group hold the same samples: count them once (token counts, eval metrics).

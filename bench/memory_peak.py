@@ -3,12 +3,14 @@
 line of code that allocated it (the first frame outside torch itself).
 
     python bench/memory_peak.py snapshot.pickle          # a snapshot from bench/e2e.py --memory_snapshot, or any
+    python bench/memory_peak.py bench/results/24_memory_snapshot_cp2_524288.pickle.gz   # one recorded on 2 H200s
 
 bench/e2e.py --memory_snapshot PATH records the trace from before the model is built and prints this table at the end.
 torch's own viewers draw the same trace: `python -m torch.cuda._memory_viz trace_plot PATH -o trace.html`.
 """
 
 import argparse
+import gzip
 import pickle
 from collections import defaultdict
 
@@ -57,10 +59,10 @@ def peak_breakdown(snapshot, top=15):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("snapshot", help="a pickle written by torch.cuda.memory._dump_snapshot")
+    parser.add_argument("snapshot", help="a pickle written by torch.cuda.memory._dump_snapshot (or gzipped: .gz)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    with open(args.snapshot, "rb") as f:
+    with (gzip.open if args.snapshot.endswith(".gz") else open)(args.snapshot, "rb") as f:
         print("\n".join(peak_breakdown(pickle.load(f), args.top)))
 
 

@@ -1,6 +1,7 @@
 """The peer: torch's native context parallelism (ring attention over SDPA) on the end-to-end benchmark's shape.
 
     torchrun --standalone --nproc_per_node 2 bench/native_cp.py --results bench/results/e2e.jsonl --seq_len 262144
+    ... --seq_len 1048576 --steps 1 --warmup_steps 0 --gpu_memory_gib 79   # does it fit in an H100's memory?
 
 `torch.distributed.tensor.experimental.context_parallel` is what accelerate's ParallelismConfig(cp_size=...) runs
 under the transformers 5 Trainer; here it runs in a plain training loop on the GPU image's transformers (5.x), as
@@ -64,11 +65,17 @@ def main():
     parser.add_argument("--results", required=True)
     parser.add_argument("--seq_len", type=int, required=True)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--warmup_steps", type=int, default=3,
+                        help="steps left out of the timing (0: time every step, the first with its compiles)")
+    parser.add_argument("--gpu_memory_gib", type=float,
+                        help="let torch allocate at most this much of each GPU (79: an H100's 80 GB, on a larger card)")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
+    if args.gpu_memory_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / total)
     dist.init_process_group("nccl", timeout=timedelta(minutes=20))
     mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
 
@@ -85,8 +92,11 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     result = {"script": "torch native context_parallel", "cp_size": world, "tokens_per_step": args.seq_len,
-              "weights_dtype": "bfloat16", "gradient_checkpointing": True, "liger": "fused linear cross-entropy"}
+              "weights_dtype": "bfloat16", "gradient_checkpointing": True, "liger": "fused linear cross-entropy",
+              "gpu_memory_gib": args.gpu_memory_gib}
     step_ends, losses = [], []
+    torch.cuda.synchronize()
+    first_step_begin = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     try:
         for _ in range(args.steps):
@@ -107,11 +117,12 @@ def main():
     except torch.OutOfMemoryError as error:
         result.update(status="OOM", error=str(error).splitlines()[0])
     else:
-        timed = step_ends[args.warmup_steps - 1 :]
+        marks = [first_step_begin] + step_ends
+        timed = marks[args.warmup_steps :]
         step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
         result.update(status="ok", steps=len(step_ends), timed_steps=len(timed) - 1, step_s=round(step_s, 4),
                       tokens_per_s=round(args.seq_len / step_s), losses=losses,
-                      step_times_s=[round(b - a, 4) for a, b in zip(step_ends, step_ends[1:])])
+                      step_times_s=[round(b - a, 4) for a, b in zip(marks, marks[1:])])
     peak = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
                         device=device, dtype=torch.float64)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the fullest GPU

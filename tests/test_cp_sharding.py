@@ -1,7 +1,8 @@
 """The data each rank trains on, with CP 2 x DP 2 (4 CPU processes): the ranks of a CP group get the same samples,
 the two data-parallel groups different ones, and the token count that normalizes a step's loss counts every
 sample once, not once per CP rank. This is what accelerate's data loader makes of the device mesh's dimension
-names, which accelerate 1.10 changed (magi_utils.MESH_DIM_NAMES): the test runs on both supported stacks."""
+names, which accelerate 1.10 changed (magi_utils.MESH_DIM_NAMES): the test runs on both supported stacks. And the
+gradients that DDP sums over those ranks are kept once, in DDP's buckets."""
 
 import json
 import os
@@ -34,6 +35,9 @@ def test_cp_ranks_share_samples_and_dp_groups_split_them(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(CP_SIZE * DP_SIZE)]
     assert all(len(records) == STEPS * GRAD_ACC for records in ranks)
+    # One copy of the gradients: DDP's buckets hold them once it has summed them, at each step's last micro-batch
+    # (the earlier ones run under no_sync, outside DDP's buckets).
+    assert [m["gradients_in_ddp_buckets"] for m in ranks[0]] == [False, True] * STEPS
 
     # Ranks r * CP_SIZE ... (r + 1) * CP_SIZE - 1 form data-parallel group r.
     groups = [ranks[g * CP_SIZE:(g + 1) * CP_SIZE] for g in range(DP_SIZE)]
