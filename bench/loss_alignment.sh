@@ -18,7 +18,7 @@ for run in "${RUNS[@]}"; do
     origin) PER_DEVICE_BATCH=1 OUTPUT_DIR=$OUT/origin bash run_origin_clm.sh "${ARGS[@]}" ;;
     cp1) CP_SIZE=1 PER_DEVICE_BATCH=1 OUTPUT_DIR=$OUT/magi_cp1 bash run_magi_clm.sh "${ARGS[@]}" ;;
     cp2) CP_SIZE=2 PER_DEVICE_BATCH=2 OUTPUT_DIR=$OUT/magi_cp2 bash run_magi_clm.sh "${ARGS[@]}" ;;
-    plot) python3 plot_results.py --baseline $OUT/origin --cp_runs $OUT/magi_cp1 $OUT/magi_cp2 --last_steps 100 \
+    plot) python3 bench/plot_results.py --baseline $OUT/origin --cp_runs $OUT/magi_cp1 $OUT/magi_cp2 --last_steps 100 \
             --out results_gpu.png --title "Llama-3.2-1B's layers, 8192-token blocks, global batch 8, bf16: 2 GPUs" ;;
     *) echo "usage: bash bench/loss_alignment.sh [origin] [cp1] [cp2] [plot]" >&2; exit 1 ;;
   esac

@@ -1,10 +1,11 @@
 """Draw results.png: train loss per step of the baseline and of the CP runs, read from their trainer_state.json.
 
     bash run_origin_clm.sh; for cp in 1 2 4 8; do CP_SIZE=$cp bash run_magi_clm.sh; done
-    python plot_results.py
+    python bench/plot_results.py
 
 Each CP curve's legend gives its largest |loss difference| against the baseline over the common steps, or with
---last_steps N its mean |loss difference| over the last N common steps (results_gpu.png: README, "Two GPUs").
+--last_steps N its mean |loss difference| over the last N common steps (results_gpu.png, drawn by
+bench/loss_alignment.sh).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""plot_results.py reads trainer_state.json files and writes the figure."""
+"""bench/plot_results.py reads trainer_state.json files and writes the figure."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plot_results import max_abs_difference, mean_abs_difference, read_losses
+from bench.plot_results import max_abs_difference, mean_abs_difference, read_losses
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,6 @@ def test_writes_the_figure(tmp_path):
     baseline = write_state(tmp_path / "origin", [3.0, 2.0, 1.0])
     runs = [write_state(tmp_path / f"magi_cp{cp}", [3.0, 2.0 + cp * 1e-3, 1.0]) for cp in (1, 2)]
     out = tmp_path / "results.png"
-    subprocess.run([sys.executable, "plot_results.py", "--baseline", str(baseline), "--cp_runs", *map(str, runs),
-                    "--out", str(out)], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "bench/plot_results.py", "--baseline", str(baseline),
+                    "--cp_runs", *map(str, runs), "--out", str(out)], cwd=REPO, check=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
