@@ -2,7 +2,8 @@
 each document; the baseline's mask is each document on its own; the CP plan of real documents is balanced.
 
 tests/test_cp_exactness.py checks that CP runs with --document_masking train exactly like the baseline with it.
-`python3 -m tests.test_document_masking` prints the balance figures quoted in the README.
+`python3 -m tests.test_document_masking` prints the balance figures quoted in
+docs/document_masking.md.
 """
 
 import re
@@ -105,10 +106,9 @@ def balance(tokenizer, cut):
 
 
 def test_document_masked_blocks_of_scenes_are_balanced_over_4_ranks(tokenizer):
-    planned, contiguous = balance(tokenizer, "scenes")
+    planned, _ = balance(tokenizer, "scenes")
     assert len(planned) > 200
     assert max(planned) <= 1.05
-    assert statistics.mean(contiguous) > 1.3  # what the planner is for: equal slices would be far off
 
 
 if __name__ == "__main__":

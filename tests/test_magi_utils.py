@@ -1,5 +1,8 @@
 """magi_utils: the MagiAttention backend choice and the checks a model must pass before CP training."""
 
+import sys
+import types
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -23,12 +26,19 @@ def test_unknown_backend_is_refused():
         magi_utils.load_magi_api("flash")
 
 
-def test_auto_backend_takes_the_real_library_when_importable():
-    try:
-        import magi_attention.api as real
-    except ImportError:
-        real = magi_portable
+def test_auto_backend_takes_the_real_library_when_importable(monkeypatch):
+    real = types.ModuleType("magi_attention.api")
+    monkeypatch.setitem(sys.modules, "magi_attention", types.ModuleType("magi_attention"))
+    monkeypatch.setitem(sys.modules, "magi_attention.api", real)
     assert magi_utils.load_magi_api("auto") is real
+    assert magi_utils.load_magi_api("magi") is real
+
+
+def test_auto_backend_falls_back_to_magi_portable(monkeypatch):
+    # PyPI's placeholder package: magi_attention imports, magi_attention.api does not.
+    monkeypatch.setitem(sys.modules, "magi_attention", types.ModuleType("magi_attention"))
+    monkeypatch.setitem(sys.modules, "magi_attention.api", None)
+    assert magi_utils.load_magi_api("auto") is magi_portable
 
 
 def test_a_llama_takes_magi_attention():

@@ -1,7 +1,6 @@
 """bench/memory_peak.py finds the peak of an allocation trace and what is alive then (synthetic traces: recording one
 needs a GPU; bench/e2e.py --memory_snapshot does that there)."""
 
-import json
 import pickle
 import subprocess
 import sys
@@ -49,15 +48,3 @@ def test_the_command_reads_a_snapshot(tmp_path):
                          text=True, check=True).stdout
     assert out.splitlines()[0].startswith("peak allocated: 4.00 GiB")
 
-
-def test_a_recorded_snapshot_peaks_where_torch_measured():
-    """The snapshot of our CP 2 at 524288 tokens on 2 H200s: the replayed peak is the one torch.cuda measured in the
-    same run (its JSON line), and the checkpointed layer inputs, 16 of 1 GiB, are the largest part of it."""
-    results = REPO / "bench/results/23_cp2_vs_native_cp_2xH200.jsonl"
-    run = next(r for r in map(json.loads, (line for line in results.read_text().splitlines() if line[0] == "{"))
-               if r["script"] == "run_magi_clm.py" and r["tokens_per_step"] == 524288)
-    snapshot = "bench/results/24_memory_snapshot_cp2_524288.pickle.gz"
-    out = subprocess.run([sys.executable, "bench/memory_peak.py", snapshot], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out[0].startswith(f"peak allocated: {run['peak_allocated_gib']:.2f} GiB")
-    assert out[1].split()[:3] == ["16.00", "GiB", "16"] and "modeling_llama.py" in out[1]
