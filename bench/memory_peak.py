@@ -3,7 +3,7 @@
 line of code that allocated it (the first frame outside torch itself).
 
     python bench/memory_peak.py snapshot.pickle          # a snapshot from bench/e2e.py --memory_snapshot, or any
-    python bench/memory_peak.py bench/results/24_memory_snapshot_cp2_524288.pickle.gz   # one recorded on 2 H200s
+    python bench/memory_peak.py bench/results/11_memory_snapshot_cp2_524288.pickle.gz   # one recorded on 2 H200s
 
 bench/e2e.py --memory_snapshot PATH records the trace from before the model is built and prints this table at the end.
 torch's own viewers draw the same trace: `python -m torch.cuda._memory_viz trace_plot PATH -o trace.html`.
