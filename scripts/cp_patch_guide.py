@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Write the README's list of the edits that turn run_origin_clm.py into run_magi_clm.py.
+"""Write docs/cp_patch.md's list of the edits that turn run_origin_clm.py into run_magi_clm.py.
 
 Each edit is a block to find in the file as it stands after the edits before it (unique there, with a line or
 more of context when the changed lines alone are not) and the block to put in its place. The list goes between
-the README's markers; tests/test_cp_patch_guide.py applies it to run_origin_clm.py and checks that it gives
+the guide's markers; tests/test_cp_patch_guide.py applies it to run_origin_clm.py and checks that it gives
 run_magi_clm.py. Rerun after changing either script:
 
     python scripts/cp_patch_guide.py
@@ -54,11 +54,10 @@ def render(edit_list):
 def main():
     origin = (REPO / "run_origin_clm.py").read_text().splitlines()
     magi = (REPO / "run_magi_clm.py").read_text().splitlines()
-    readme_path = REPO / "README.md"
-    readme = readme_path.read_text()
-    head, rest = readme.split(START)
+    guide_path = REPO / "docs" / "cp_patch.md"
+    head, rest = guide_path.read_text().split(START)
     _, tail = rest.split(END)
-    readme_path.write_text(head + START + "\n\n" + render(edits(origin, magi)) + "\n" + END + tail)
+    guide_path.write_text(head + START + "\n\n" + render(edits(origin, magi)) + "\n" + END + tail)
 
 
 if __name__ == "__main__":
