@@ -4,8 +4,8 @@
     ... --seq_len 1048576 --steps 1 --warmup_steps 0 --gpu_memory_gib 79   # does it fit in an H100's memory?
 
 `torch.distributed.tensor.experimental.context_parallel` is what accelerate's ParallelismConfig(cp_size=...) runs
-under the transformers 5 Trainer; here it runs in a plain training loop on the GPU image's transformers (5.x), as
-the issue's reference did: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied
+under the transformers 5 Trainer; here it runs in a plain training loop on the GPU image's transformers (5.x), on
+the end-to-end benchmark's model: Llama-3.2-1B's shape (16 layers, hidden 2048, 32/8 heads, head_dim 64, vocab 128256, tied
 embeddings), random init, bf16 weights, gradient checkpointing, liger's fused linear cross-entropy on each rank's
 shard of the tokens, fused AdamW, batch 1, DDP over the CP ranks (the loss is scaled so that their gradients add
 up). The sequence is sharded head-and-tail (context_parallel's load balancing), input ids, position ids and labels
