@@ -63,8 +63,8 @@ case ${SHAPE:-1b} in
       MODEL+=",head_dim=128,vocab_size=128256,tie_word_embeddings=false" ;;
   *) echo "SHAPE must be 1b or 8b, got '$SHAPE'" >&2; exit 1 ;;
 esac
-# FSDP2 through the Trainer's own arguments, sharded over every process (bench/fsdp_config.json); transformers 4.51 reads the
-# FSDP version from the environment only.
+# FSDP2 through the Trainer's own arguments, sharded over every process (bench/fsdp_config.json); transformers 4.51
+# reads the FSDP version from the environment only.
 case ${FSDP:-0} in
   0) FSDP_ARGS=() ;;
   1) FSDP_ARGS=(--fsdp "full_shard auto_wrap" --fsdp_config bench/fsdp_config.json); export FSDP_VERSION=2 ;;
