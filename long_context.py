@@ -1,4 +1,4 @@
-"""Activation memory at long context: two options of both scripts that move or split work without changing the math.
+"""Activation memory at long context: options of both scripts that move, split or keep work without changing the math.
 
 - `--gradient_checkpointing --gradient_checkpointing_kwargs '{"offload": true}'` keeps the checkpointed layer inputs
   (layers x tokens x hidden) in pinned CPU memory from the forward to the backward: transformers 5's own option,
@@ -7,13 +7,21 @@
 - `--tiled_mlp_tokens N` runs each decoder layer's MLP over tiles of N tokens of the sequence, forward and backward,
   so that its intermediate activations (tokens x intermediate_size, 4x the hidden size in Llama) exist for one tile
   at a time (ALST's tiled MLP). A token's MLP output depends on that token alone.
+- `--gradient_checkpointing --gradient_checkpointing_kwargs '{"keep_attention_outputs": N}'` (`true`: every layer)
+  goes the other way: it spends memory to save time. The first N checkpointed layers keep the outputs of their
+  attention kernel from the forward to the backward (KeepAttentionOutputs), so that their recomputation skips that
+  kernel, a layer's costliest part at long context. Each costs tokens x heads x head_dim (as much as a layer input
+  in Llama), in CPU memory with the offload.
 
 The loss is the third large activation (tokens x vocabulary logits): `--use_liger_kernel` computes it in chunks.
 """
 
+import contextlib
 import logging
+import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # torch's own selective checkpointing is built on it
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -24,9 +32,9 @@ def enable_memory_options(trainer, tiled_mlp_tokens):
     args = trainer.args
     # Taken out of what the Trainer hands to gradient_checkpointing_enable (done here instead), in place: transformers
     # 5.23 reads the same dict as activation_checkpointing_kwargs; 4.51 takes its default for None, not for {}.
-    offload = bool((args.gradient_checkpointing_kwargs or {}).pop("offload", False))
-    if args.gradient_checkpointing_kwargs == {}:
-        args.gradient_checkpointing_kwargs = None
+    checkpoint_kwargs = args.gradient_checkpointing_kwargs or {}
+    offload = bool(checkpoint_kwargs.pop("offload", False))
+    keep_attention_outputs = checkpoint_kwargs.pop("keep_attention_outputs", False)
     if offload and not args.gradient_checkpointing:
         raise ValueError(
             'gradient_checkpointing_kwargs {"offload": true} keeps the checkpointed layer inputs in CPU memory, and '
@@ -38,6 +46,17 @@ def enable_memory_options(trainer, tiled_mlp_tokens):
     if offload:
         logger.info("Gradient checkpointing keeps the checkpointed layer inputs in CPU memory.")
         offload_decoder_saved_tensors(decoder)
+    if keep_attention_outputs not in (False, 0):
+        num_layers = check_keep_attention_outputs(keep_attention_outputs, args.gradient_checkpointing, checkpoint_kwargs)
+        layers = "every checkpointed layer" if num_layers == math.inf else f"the first {num_layers} checkpointed layers"
+        logger.info(f"Gradient checkpointing keeps the attention outputs of {layers} for the backward"
+                    f"{' in CPU memory' if offload else ''}: their recomputation skips the attention kernel.")
+        keep = KeepAttentionOutputs(num_layers, offload)
+        decoder.register_forward_pre_hook(keep.start_forward)
+        decoder.register_forward_hook(keep.report_once)
+        checkpoint_kwargs.update(use_reentrant=False, context_fn=keep)  # context_fn needs the non-reentrant checkpoint
+    if args.gradient_checkpointing_kwargs == {}:
+        args.gradient_checkpointing_kwargs = None
     if tiled_mlp_tokens:
         if not all(hasattr(layer, "mlp") for layer in getattr(decoder, "layers", [None])):
             raise ValueError(
@@ -46,6 +65,27 @@ def enable_memory_options(trainer, tiled_mlp_tokens):
             )
         logger.info(f"Each decoder layer's MLP runs over tiles of {tiled_mlp_tokens} tokens.")
         trainer.add_callback(TileMLPsWhenTrainingStarts(tiled_mlp_tokens))
+
+
+def check_keep_attention_outputs(value, gradient_checkpointing, checkpoint_kwargs):
+    """The number of layers that keep their attention outputs (math.inf for true: every one), or a clear error."""
+    if value is not True and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(
+            f'gradient_checkpointing_kwargs "keep_attention_outputs" is true (every layer) or a number of layers, got '
+            f"{value!r}."
+        )
+    if not gradient_checkpointing:
+        raise ValueError(
+            'gradient_checkpointing_kwargs {"keep_attention_outputs": ...} keeps attention outputs for the '
+            "recomputation of checkpointed layers, and there is none without gradient checkpointing: add "
+            "--gradient_checkpointing, or drop keep_attention_outputs."
+        )
+    if checkpoint_kwargs.get("use_reentrant", False):
+        raise ValueError(
+            'gradient_checkpointing_kwargs "keep_attention_outputs" needs the non-reentrant checkpoint: drop '
+            '"use_reentrant": true.'
+        )
+    return math.inf if value is True else value
 
 
 def offload_decoder_saved_tensors(decoder):
@@ -59,6 +99,114 @@ def offload_decoder_saved_tensors(decoder):
             return forward(*args, **kwargs)
 
     decoder.forward = forward_with_saved_tensors_on_cpu
+
+
+# The attention kernels whose outputs a checkpointed layer can keep: magi_portable's operator (its fa4 and torch
+# kernels) and the kernels of torch's scaled_dot_product_attention (which magi_portable's sdpa kernel calls too).
+# The backward of each one needs only its inputs and its outputs.
+ATTENTION_OPS = frozenset({
+    "magi_portable::attention",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+})
+
+
+class KeepAttentionOutputs:
+    """torch.utils.checkpoint's context_fn (as torch's selective activation checkpointing, with one policy): the
+    first num_layers checkpointed layers of each forward keep the outputs of their attention kernel (out, lse and
+    the like; ATTENTION_OPS) from the forward, and their recomputation in the backward takes those instead of running
+    the kernel again. The rest of the layer is recomputed, the kernel's inputs too (at CP > 1 the all-gathered keys
+    and values): the kernel's backward gets them from the recomputation and the outputs from here. With the offload,
+    the outputs wait in pinned CPU memory, as the layer inputs do."""
+
+    def __init__(self, num_layers, offload):
+        # Plain attributes only: a Trainer saves its arguments (training_args.bin), this object among them.
+        self.num_layers = num_layers
+        self.offload = offload
+        self.layers_left = num_layers
+        self.bytes_kept = []  # by each layer that keeps, in this forward
+        self.reported = False
+
+    def start_forward(self, decoder, args):
+        self.layers_left, self.bytes_kept = self.num_layers, []
+
+    def __call__(self):
+        if self.layers_left == 0:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        self.layers_left -= 1
+        if self.offload:
+            hooks = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+            pack, unpack = hooks.pack_hook, hooks.unpack_hook
+        else:
+            pack = unpack = lambda tensor: tensor
+        kept = []
+        self.bytes_kept.append(0)
+        return _KeepKernelOutputs(kept, pack, self.bytes_kept), _ReuseKernelOutputs(kept, unpack)
+
+    def report_once(self, decoder, args, output):
+        """After the first forward that checkpointed: what was kept, or that nothing was (a kernel outside
+        ATTENTION_OPS: magi_portable's flex kernel, SDPA's math fallback, another attention implementation)."""
+        if self.reported or not self.bytes_kept:
+            return
+        self.reported = True
+        if 0 in self.bytes_kept:
+            logger.warning(
+                f"keep_attention_outputs: {self.bytes_kept.count(0)} of {len(self.bytes_kept)} checkpointed layers "
+                "ran no attention kernel whose outputs can be kept (long_context.ATTENTION_OPS): their recomputation "
+                "runs the attention again."
+            )
+        logger.info(f"Gradient checkpointing kept {sum(self.bytes_kept) / 2**20:.1f} MiB of attention outputs"
+                    f"{' in CPU memory' if self.offload else ''} in this forward: {len(self.bytes_kept)} layers, "
+                    f"{max(self.bytes_kept) / 2**20:.1f} MiB each.")
+
+
+class _KernelOutputsMode(TorchDispatchMode):
+    """What both sides of KeepAttentionOutputs share: code compiled by torch.compile (magi_portable's flex kernel)
+    runs compiled inside them, as inside torch's own selective checkpointing, and higher-order operators pass
+    through."""
+
+    supports_higher_order_operators = True
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True
+
+
+class _KeepKernelOutputs(_KernelOutputsMode):
+    """The forward's side of KeepAttentionOutputs: runs every operator, and keeps the attention kernels' outputs."""
+
+    def __init__(self, kept, pack, bytes_kept):
+        super().__init__()
+        self.kept, self.pack = kept, pack
+        self.bytes_kept, self.layer = bytes_kept, len(bytes_kept) - 1  # this layer's entry
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outputs = func(*args, **(kwargs or {}))
+        if func.name() in ATTENTION_OPS:
+            # detach(): what is kept must not hold on to this forward's autograd graph.
+            self.kept.append((func, [(True, self.pack(t.detach())) if isinstance(t, torch.Tensor) else (False, t)
+                                     for t in outputs]))
+            self.bytes_kept[self.layer] += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+        return outputs
+
+
+class _ReuseKernelOutputs(_KernelOutputsMode):
+    """The recomputation's side: the attention kernels return what the forward kept, in the same order; every other
+    operator runs."""
+
+    def __init__(self, kept, unpack):
+        super().__init__()
+        self.kept, self.unpack = kept, unpack
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name() not in ATTENTION_OPS:
+            return func(*args, **(kwargs or {}))
+        kept_func, outputs = self.kept.pop(0) if self.kept else (None, [])
+        if kept_func is not func:
+            raise RuntimeError(f"The recomputation of a checkpointed layer ran {func} where its forward ran {kept_func}.")
+        return tuple(self.unpack(value) if is_tensor else value for is_tensor, value in outputs)
 
 
 class TileMLPsWhenTrainingStarts(TrainerCallback):

@@ -20,6 +20,9 @@ How it works
   ``sdpa``: the kernel SDPA itself picks (cuDNN on Hopper), once per sample, at CP 1 only;
   ``flex``: compiled FlexAttention with a block mask cached on the key (CUDA);
   ``torch``: matmuls per block of queries (any device; the CPU's kernel).
+  The fa4 and torch kernels run as one operator, ``magi_portable::attention``, whose backward starts from the
+  operator's own out and lse: gradient checkpointing can keep those and skip the kernel when it recomputes a layer
+  (long_context.py's keep_attention_outputs). The sdpa kernel's operators are SDPA's own, with such a backward too.
 
 Communication per attention layer, per rank, with S padded tokens, h_kv key/value heads, head
 size d and b bytes per element: forward all-gathers (cp-1)/cp * S * 2 * h_kv * d * b bytes;
@@ -37,6 +40,7 @@ import importlib.util
 import logging
 import math
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -486,42 +490,109 @@ def _with_pad_tail(outs, lses, num_pad):
     return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
 
 
-def _attend_block(q, k, v, scale, causal):
-    """Exact attention of q [lq, hq, d] to k/v [lk, hkv, d]; causal is bottom-right aligned.
-    Grouped-query heads share a kv head without copying it: q head h uses kv head h // group."""
-    num_q, num_heads_q, _ = q.shape
-    num_k, num_heads_kv, _ = k.shape
+def _grouped_scores(q, k, scale, causal):
+    """Scaled scores of q [lq, hq, d] against k [lk, hkv, d] as [hkv, g * lq, lk], masked with -inf where causal
+    (bottom-right aligned). Grouped-query heads share a kv head without copying it: q head h uses kv head h // g."""
+    num_q, num_k, num_heads_kv = q.shape[0], k.shape[0], k.shape[1]
     q_grouped = rearrange(q, "lq (hkv g) d -> hkv (g lq) d", hkv=num_heads_kv)
     scores = torch.bmm(q_grouped, rearrange(k, "lk hkv d -> hkv d lk")) * scale
     if causal:
         last_visible_key = torch.arange(num_q, device=q.device)[:, None] + (num_k - num_q)
         allowed = torch.arange(num_k, device=q.device) <= last_visible_key
         scores = scores.view(num_heads_kv, -1, num_q, num_k).masked_fill(~allowed, -math.inf).flatten(1, 2)
+    return scores
+
+
+def _attend_block(q, k, v, scale, causal):
+    """Exact attention of q [lq, hq, d] to k/v [lk, hkv, d]; causal is bottom-right aligned. Returns out like q and
+    lse [lq, hq]."""
+    num_q, num_heads_kv = q.shape[0], k.shape[1]
+    scores = _grouped_scores(q, k, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), rearrange(v, "lk hkv d -> hkv lk d"))
     out = rearrange(out, "hkv (g lq) d -> lq (hkv g) d", lq=num_q)
     return out, rearrange(lse, "hkv (g lq) -> lq (hkv g)", lq=num_q)
 
 
+def _attend_block_backward(q, k, v, out, lse, grad_out, grad_lse, scale, causal):
+    """Gradients of q, k and v for _attend_block from its own out and lse, as FlashAttention's backward: the
+    probabilities come back from the scores and lse (no softmax to differentiate), and the softmax's row term is
+    sum(grad_out * out)."""
+    num_q, num_heads_kv = q.shape[0], k.shape[1]
+
+    def grouped(t):
+        return rearrange(t, "lq (hkv g) ... -> hkv (g lq) ...", hkv=num_heads_kv)
+
+    probs = torch.exp(_grouped_scores(q, k, scale, causal) - grouped(lse).unsqueeze(-1))
+    grad_out_grouped = grouped(grad_out)
+    grad_v = torch.bmm(probs.transpose(1, 2), grad_out_grouped)
+    grad_probs = torch.bmm(grad_out_grouped, rearrange(v, "lk hkv d -> hkv d lk"))
+    row_term = (grad_out_grouped * grouped(out)).sum(-1)
+    if grad_lse is not None:  # d lse / d scores = probs
+        row_term = row_term - grouped(grad_lse)
+    grad_scores = probs * (grad_probs - row_term.unsqueeze(-1)) * scale
+    grad_q = torch.bmm(grad_scores, rearrange(k, "lk hkv d -> hkv lk d"))
+    grad_k = torch.bmm(grad_scores.transpose(1, 2), grouped(q))
+    return (
+        rearrange(grad_q, "hkv (g lq) d -> lq (hkv g) d", lq=num_q),
+        rearrange(grad_k, "hkv lk d -> lk hkv d"),
+        rearrange(grad_v, "hkv lk d -> lk hkv d"),
+    )
+
+
+def _torch_blocks(key):
+    """The torch kernel's blocks: each query range in blocks of at most chunk_size queries (so no block scores more
+    than chunk x sample pairs), against the keys of its sample up to the block's end (if causal). Yields slices of
+    the local queries and of the global keys."""
+    for r in key.plan.query_ranges:
+        for offset in range(0, r.length, key.chunk_size):
+            num_q = min(key.chunk_size, r.length - offset)
+            q_start = r.local_start + offset
+            yield slice(q_start, q_start + num_q), slice(r.sample_start, r.key_end(key.causal, offset + num_q))
+
+
 def _attend_torch(q, k_gathered, v_gathered, key, scale):
-    """Matmuls, any device: each query range in blocks of at most chunk_size queries (so no block scores more than
-    chunk x sample pairs), against the keys of its sample up to the block's end (if causal)."""
+    """Matmuls, any device, in float32 at least (autocast off: the backward recomputes the probabilities from lse,
+    and they must be the forward's), block by block (_torch_blocks)."""
     plan = key.plan
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     to_global = plan.global_to_dispatch.to(q.device)
-    k_global = k_gathered.index_select(0, to_global).to(compute_dtype)
-    v_global = v_gathered.index_select(0, to_global).to(compute_dtype)
-    q = q.to(compute_dtype)
-    outs, lses = [q.new_zeros((0, *q.shape[1:]))], [q.new_zeros((0, q.shape[1]))]
-    for r in plan.query_ranges:
-        for offset in range(0, r.length, key.chunk_size):
-            num_q = min(key.chunk_size, r.length - offset)
-            keys = slice(r.sample_start, r.key_end(key.causal, offset + num_q))
-            q_start = r.local_start + offset
-            out, lse = _attend_block(q[q_start : q_start + num_q], k_global[keys], v_global[keys], scale, key.causal)
+    with torch.autocast(q.device.type, enabled=False):
+        k_global = k_gathered.index_select(0, to_global).to(compute_dtype)
+        v_global = v_gathered.index_select(0, to_global).to(compute_dtype)
+        q_compute = q.to(compute_dtype)
+        outs, lses = [q_compute.new_zeros((0, *q.shape[1:]))], [q_compute.new_zeros((0, q.shape[1]))]
+        for queries, keys in _torch_blocks(key):
+            out, lse = _attend_block(q_compute[queries], k_global[keys], v_global[keys], scale, key.causal)
             outs.append(out)
             lses.append(lse)
-    return _with_pad_tail(outs, lses, plan.num_local_pad)
+    out, lse = _with_pad_tail(outs, lses, plan.num_local_pad)
+    return out.to(q.dtype), lse
+
+
+def _attend_torch_backward(q, k_gathered, v_gathered, out, lse, grad_out, grad_lse, key, scale):
+    """_attend_torch's gradients from its out and lse, block by block (_attend_block_backward)."""
+    plan = key.plan
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    to_global = plan.global_to_dispatch.to(q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        k_global = k_gathered.index_select(0, to_global).to(compute_dtype)
+        v_global = v_gathered.index_select(0, to_global).to(compute_dtype)
+        q_c, out_c, grad_out_c = (t.to(compute_dtype) for t in (q, out, grad_out))
+        grad_q, grad_k_global, grad_v_global = (torch.zeros_like(t) for t in (q_c, k_global, v_global))
+        for queries, keys in _torch_blocks(key):
+            block_grad_lse = None if grad_lse is None else grad_lse[queries]
+            block_q, block_k, block_v = _attend_block_backward(
+                q_c[queries], k_global[keys], v_global[keys], out_c[queries], lse[queries], grad_out_c[queries],
+                block_grad_lse, scale, key.causal,
+            )
+            grad_q[queries] = block_q
+            grad_k_global[keys] += block_k
+            grad_v_global[keys] += block_v
+    # The gathered K/V were put in global order by to_global, a permutation: its inverse is the dispatch order.
+    to_gathered = plan.dispatch_order.to(q.device)
+    return (grad_q.to(q.dtype), grad_k_global.index_select(0, to_gathered).to(k_gathered.dtype),
+            grad_v_global.index_select(0, to_gathered).to(v_gathered.dtype))
 
 
 @functools.cache
@@ -536,37 +607,105 @@ def _fa4_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _fa4_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+# FlashAttention-4 exports its forward and backward only as one autograd function (flash_attn_varlen_func); the
+# backward from a kept out and lse needs the two halves, which it calls _flash_attn_fwd and _flash_attn_bwd.
+def _fa4_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
     """FlashAttention-4's varlen kernel: batch i is queries [cu_q[i], cu_q[i+1]) against keys [cu_k[i], cu_k[i+1]),
-    causal bottom-right aligned. Returns out like q and lse [tokens, heads]."""
-    from flash_attn.cute import flash_attn_varlen_func
+    causal bottom-right aligned. Returns out like q and lse [heads, tokens] (FA4's varlen layout), as
+    flash_attn_varlen_func(..., return_lse=True) does."""
+    from flash_attn.cute.interface import _flash_attn_fwd
 
-    out, lse = flash_attn_varlen_func(
+    out, lse = _flash_attn_fwd(
         q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=causal, return_lse=True,
-    )
-    return out, lse.T  # FA4's varlen lse is [heads, tokens]
+    )[:2]
+    return out, lse
+
+
+def _fa4_varlen_backward(q, k, v, out, lse, grad_out, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, scale, causal):
+    """FlashAttention-4's varlen backward, as flash_attn_varlen_func's own backward calls it; lse and grad_lse in
+    FA4's layout [heads, tokens]. Returns (dq, dk, dv)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    return _flash_attn_bwd(
+        q, k, v, out, grad_out, lse, scale, causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dlse=grad_lse,
+    )[:3]
+
+
+def _fa4_ranges(k_gathered, v_gathered, plan):
+    """Each query range's own copy of its keys (its sample's, up to its end if causal), laid end to end: with GQA,
+    K/V are a fraction of Q's size, and a copy lets ranges of one sample share keys, which FA4's varlen layout cannot
+    (its backward writes each range's dK in place). At CP 1 the keys are the first local tokens, in order: no copy."""
+    if plan.key_index is None:
+        return (t.split([plan.num_keys, len(t) - plan.num_keys])[0] for t in (k_gathered, v_gathered))
+    return (t.index_select(0, plan.key_index) for t in (k_gathered, v_gathered))
 
 
 def _attend_fa4(q, k_gathered, v_gathered, key, scale):
-    """One FlashAttention-4 call for all of this rank's query ranges. Each range gets its own copy of its keys
-    (its sample's, up to its end if causal), laid end to end: with GQA, K/V are a fraction of Q's size, and a
-    copy lets ranges of one sample share keys, which FA4's varlen layout cannot (its backward writes each
-    range's dK in place). The copy's backward adds the gradients of shared keys."""
+    """One FlashAttention-4 call for all of this rank's query ranges (_fa4_ranges); the pad tail gets zeros."""
+    plan = key.plan
+    k_ranges, v_ranges = _fa4_ranges(k_gathered, v_gathered, plan)
+    out, lse = _fa4_varlen_forward(
+        q[: q.shape[0] - plan.num_local_pad], k_ranges, v_ranges, plan.cu_seqlens_q, plan.cu_seqlens_k,
+        plan.max_seqlen_q, plan.max_seqlen_k, scale, key.causal,
+    )
+    return _with_pad_tail([out], [lse.T], plan.num_local_pad)
+
+
+def _attend_fa4_backward(q, k_gathered, v_gathered, out, lse, grad_out, grad_lse, key, scale):
+    """_attend_fa4's gradients from its out and lse: FA4's backward, then the gradients of the key copies added up
+    per gathered token (those of keys that several ranges share), zeros for the pad tail."""
     plan = key.plan
     num_valid = q.shape[0] - plan.num_local_pad
-    if plan.key_index is None:  # the keys are the first gathered tokens, in order (CP 1): no copy
-        k_ranges, v_ranges = (t.split([plan.num_keys, len(t) - plan.num_keys])[0] for t in (k_gathered, v_gathered))
-    else:
-        k_ranges, v_ranges = k_gathered.index_select(0, plan.key_index), v_gathered.index_select(0, plan.key_index)
-    if plan.num_local_pad:
-        # split, not slicing: the backward of a slice builds a zero gradient the size of q.
-        q = q.split([num_valid, plan.num_local_pad])[0]
-    out, lse = _fa4_varlen_attention(
-        q, k_ranges, v_ranges, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, scale,
-        key.causal,
+    k_ranges, v_ranges = _fa4_ranges(k_gathered, v_gathered, plan)
+    grad_q, grad_k_ranges, grad_v_ranges = _fa4_varlen_backward(
+        q[:num_valid], k_ranges, v_ranges, out[:num_valid], lse[:num_valid].T.contiguous(), grad_out[:num_valid],
+        None if grad_lse is None else grad_lse[:num_valid].T.contiguous(), plan.cu_seqlens_q, plan.cu_seqlens_k,
+        plan.max_seqlen_q, plan.max_seqlen_k, scale, key.causal,
     )
-    return _with_pad_tail([out], [lse], plan.num_local_pad)
+    grad_q = torch.cat([grad_q, grad_q.new_zeros((plan.num_local_pad, *grad_q.shape[1:]))])
+    if plan.key_index is None:
+        grad_k, grad_v = (torch.cat([g, g.new_zeros((len(t) - len(g), *g.shape[1:]))])
+                          for g, t in ((grad_k_ranges, k_gathered), (grad_v_ranges, v_gathered)))
+    else:
+        grad_k, grad_v = (torch.zeros_like(t).index_add_(0, plan.key_index, g)
+                          for g, t in ((grad_k_ranges, k_gathered), (grad_v_ranges, v_gathered)))
+    return grad_q, grad_k, grad_v
+
+
+# The kernels that run as the operator below: a forward that returns (out, lse) and a backward from them.
+_OP_KERNELS = {"fa4": (_attend_fa4, _attend_fa4_backward), "torch": (_attend_torch, _attend_torch_backward)}
+_keys_by_id: "weakref.WeakValueDictionary[int, DistAttnRuntimeKey]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("magi_portable::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_id: int, kernel: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of this rank's queries against the gathered K/V, as one operator that torch's dispatcher sees:
+    activation checkpointing can keep its outputs and skip it in the recomputation (long_context.py), since its
+    backward needs only its inputs and outputs. An operator's arguments cannot be a key: key_id names one."""
+    forward, _ = _OP_KERNELS[kernel]
+    return forward(q, k, v, _keys_by_id[key_id], scale)
+
+
+def _attention_op_setup_context(ctx, inputs, output):
+    q, k, v, key_id, kernel, scale = inputs
+    ctx.key, ctx.kernel, ctx.scale = _keys_by_id[key_id], kernel, scale
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.set_materialize_grads(False)  # no gradient of lse (the usual case) comes as None, not as zeros
+
+
+def _attention_op_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    _, backward = _OP_KERNELS[ctx.kernel]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    return (*backward(q, k, v, out, lse, grad_out, grad_lse, ctx.key, ctx.scale), None, None, None)
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup_context)
 
 
 _compiled_flex_attention = None  # compiled once per process, shared by all keys
@@ -707,9 +846,11 @@ def calc_attn(
         if os.environ.get(KERNEL_ENV, "auto") == "sdpa":
             raise RuntimeError(f"{KERNEL_ENV}=sdpa, but SDPA picks a kernel that does not return the lse here.")
         kernel = "flex"
-    if result is None:
-        attend = {"fa4": _attend_fa4, "flex": _attend_flex, "torch": _attend_torch}[kernel]
-        result = attend(q, k, v, key, scale)
+    if kernel == "flex":
+        result = _attend_flex(q, k, v, key, scale)
+    elif result is None:
+        _keys_by_id[id(key)] = key
+        result = _attention_op(q, k, v, id(key), kernel, scale)
     if kernel not in _logged_kernels:
         _logged_kernels.add(kernel)
         logger.info(f"calc_attn runs the {kernel} kernel ({q.device.type}, {q.dtype}, CP {key.cp_size})")

@@ -103,10 +103,12 @@ def test_cp_run_matches_the_baseline(baseline, tmp_path, cp_size, data_parallel,
 
 
 def test_cp_run_with_the_memory_options_matches_the_baseline(baseline, tmp_path):
-    """Checkpointed layer inputs offloaded and the MLP in tiles of 37 tokens (long_context.py), under CP 2."""
-    options = ["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"offload": true}',
-               "--tiled_mlp_tokens", "37"]
-    cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=2, cp_size=2, extra=options)
+    """Under CP 2, with document masking: checkpointed layer inputs offloaded, the attention outputs of the first
+    layer kept for its recomputation (offloaded too), and the MLP in tiles of 37 tokens (long_context.py)."""
+    options = ["--gradient_checkpointing", "--gradient_checkpointing_kwargs",
+               '{"offload": true, "keep_attention_outputs": 1}', "--tiled_mlp_tokens", "37"]
+    cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=2, cp_size=2, extra=[*options, *DOCUMENT_ARGS])
     assert "keeps the checkpointed layer inputs in CPU memory" in cp_run["log"]
+    assert "keeps the attention outputs of the first 1 checkpointed layers for the backward in CPU memory" in cp_run["log"]
     assert "MLP runs over tiles of 37 tokens" in cp_run["log"]
-    assert_same_training(cp_run, baseline(1, False))
+    assert_same_training(cp_run, baseline(1, True))

@@ -1,33 +1,55 @@
-"""The memory options of long_context.py (both scripts): checkpointed layer inputs offloaded to CPU memory, the MLP in
-sequence tiles. They move and split work without changing what is computed: a tiny Llama trained by the Trainer
-on CPU with each option against without, step by step. (tests/test_cp_exactness.py runs them under CP.)"""
+"""The memory options of long_context.py (both scripts): checkpointed layer inputs offloaded to CPU memory, attention
+outputs kept for the recomputation, the MLP in sequence tiles. They move, keep and split work without changing what
+is computed: a tiny Llama (SDPA attention, as run_origin_clm.py's) trained by the Trainer on CPU with each option
+against without, step by step. (tests/test_cp_exactness.py runs them under CP, tests/test_magi_attention_function.py
+keeps calc_attn's outputs.)"""
+
+import contextlib
+import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from long_context import TiledMLP, enable_memory_options
 
-LAYERS, HIDDEN, TOKENS, BATCH = 2, 32, 48, 2
+LAYERS, HIDDEN, TOKENS, BATCH, HEADS, STEPS = 2, 32, 48, 2, 4, 3
+SDPA_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"  # SDPA's kernel on CPU, in float32
 
 
-def train(tmp_path, tiled_mlp_tokens=None, mlp_lengths=None, **training_args):
+class CountOperators(TorchDispatchMode):
+    """Counts the operators that run, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def train(tmp_path, tiled_mlp_tokens=None, mlp_lengths=None, operators=None, attn_implementation="sdpa",
+          **training_args):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TOKENS)
+                         num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=TOKENS)
+    config._attn_implementation = attn_implementation
     model = LlamaForCausalLM(config)
     if mlp_lengths is not None:  # records the sequence length that each MLP call sees
         for layer in model.model.layers:
             layer.mlp.down_proj.register_forward_hook(lambda module, inputs, out: mlp_lengths.add(inputs[0].shape[-2]))
     ids = torch.randint(0, 64, (8, TOKENS), generator=torch.Generator().manual_seed(1)).tolist()
     args = TrainingArguments(
-        str(tmp_path), per_device_train_batch_size=BATCH, max_steps=3, learning_rate=1e-2, logging_steps=1,
+        str(tmp_path), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-2, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, seed=0, **training_args,
     )
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids],
                       data_collator=default_data_collator)
     enable_memory_options(trainer, tiled_mlp_tokens)
-    trainer.train()
+    with operators or contextlib.nullcontext():
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -62,6 +84,39 @@ def test_offloading_the_checkpointed_layer_inputs_trains_alike(tmp_path, saved_o
     assert_same(offloaded, reference)
 
 
+def test_kept_attention_outputs_spare_the_recomputation_the_kernel_and_train_alike(tmp_path, saved_on_cpu):
+    reference_operators = CountOperators()
+    reference = train(tmp_path / "reference", gradient_checkpointing=True, operators=reference_operators)
+    # Checkpointing runs each layer's attention kernel twice a step: in the forward and in the recomputation.
+    assert reference_operators.calls[SDPA_KERNEL] == 2 * LAYERS * STEPS
+    for layers_kept in (1, True):
+        operators = CountOperators()
+        kept = train(tmp_path / f"keep{layers_kept}", gradient_checkpointing=True, operators=operators,
+                     gradient_checkpointing_kwargs={"keep_attention_outputs": layers_kept})
+        recomputed = LAYERS - (LAYERS if layers_kept is True else layers_kept)
+        assert operators.calls[SDPA_KERNEL] == (LAYERS + recomputed) * STEPS
+        assert operators.calls[SDPA_KERNEL + "_backward"] == LAYERS * STEPS
+        assert kept[0] == reference[0]  # the same operators on the same inputs: the same numbers
+        for name, param in reference[1].items():
+            assert torch.equal(kept[1][name], param), name
+    # With the offload, the kept outputs wait in CPU memory as the layer inputs do: SDPA's out is [batch, heads,
+    # tokens, head_dim], its lse [batch, heads, tokens].
+    assert saved_on_cpu == []
+    offloaded = train(tmp_path / "offload", gradient_checkpointing=True,
+                      gradient_checkpointing_kwargs={"offload": True, "keep_attention_outputs": True})
+    assert saved_on_cpu.count((BATCH, HEADS, TOKENS, HIDDEN // HEADS)) == LAYERS * STEPS
+    assert saved_on_cpu.count((BATCH, HEADS, TOKENS)) == LAYERS * STEPS
+    assert_same(offloaded, reference)
+
+
+def test_keeping_attention_outputs_says_when_there_is_no_kernel_to_keep(tmp_path, caplog):
+    # Eager attention is matmuls and a softmax: no kernel whose outputs stand for the attention.
+    with caplog.at_level(logging.WARNING, logger="long_context"):
+        train(tmp_path, attn_implementation="eager", gradient_checkpointing=True,
+              gradient_checkpointing_kwargs={"keep_attention_outputs": True})
+    assert f"{LAYERS} of {LAYERS} checkpointed layers ran no attention kernel whose outputs can be kept" in caplog.text
+
+
 def test_the_mlp_in_tiles_trains_alike(tmp_path):
     reference = train(tmp_path / "reference")
     # 20 does not divide 48: tiles of 20, 20 and 8 tokens; with checkpointing, the tiles run inside the recompute.
@@ -94,3 +149,10 @@ def test_bad_options_are_refused(tmp_path):
         train(tmp_path / "a", gradient_checkpointing_kwargs={"offload": True})
     with pytest.raises(ValueError, match="--tiled_mlp_tokens must be a positive number"):
         train(tmp_path / "b", tiled_mlp_tokens=0)
+    with pytest.raises(ValueError, match="add --gradient_checkpointing, or drop keep_attention_outputs"):
+        train(tmp_path / "c", gradient_checkpointing_kwargs={"keep_attention_outputs": True})
+    with pytest.raises(ValueError, match='is true \\(every layer\\) or a number of layers, got -1'):
+        train(tmp_path / "d", gradient_checkpointing=True, gradient_checkpointing_kwargs={"keep_attention_outputs": -1})
+    with pytest.raises(ValueError, match='needs the non-reentrant checkpoint: drop "use_reentrant": true'):
+        train(tmp_path / "e", gradient_checkpointing=True,
+              gradient_checkpointing_kwargs={"keep_attention_outputs": 1, "use_reentrant": True})

@@ -1,14 +1,17 @@
 """The registered attention function inside a real Llama, in one process (a CP group of one rank):
-the same logits as SDPA, in the run's dtype, and no [batch, 1, seq, seq] mask built for it."""
+the same logits as SDPA, in the run's dtype, and no [batch, 1, seq, seq] mask built for it; under gradient
+checkpointing, calc_attn's kernel kept out of the recomputation (long_context.py)."""
 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, default_data_collator
 
 import magi_portable
 import run_magi_clm
+from long_context import enable_memory_options
 from magi_utils import skip_causal_mask
+from test_long_context import CountOperators
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +64,38 @@ def test_magi_attention_matches_sdpa_without_a_4d_mask(single_rank_group, monkey
     assert dtypes == [(dtype, dtype)] * model.config.num_hidden_layers
     assert logits.dtype == dtype
     assert (logits - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+def test_kept_attention_outputs_spare_the_recomputation_calc_attns_kernel(single_rank_group, tmp_path):
+    """run_magi_clm.py's trainer at CP 1 with gradient checkpointing, on documents of several lengths (varlen): with
+    the attention outputs kept, calc_attn's kernel (magi_portable's operator) runs once a layer and step, not twice,
+    and the training is the same, to the bit."""
+    layers, steps, seq_len = 2, 2, 21
+    position_ids = [list(range(8)) + list(range(13)), list(range(seq_len))]  # two documents, then one
+
+    def train(name, checkpoint_kwargs):
+        model = tiny_llama("Magi_Attention", torch.float32)
+        skip_causal_mask(model)
+        ids = torch.randint(0, 64, (4, seq_len), generator=torch.Generator().manual_seed(1)).tolist()
+        dataset = [{"input_ids": i, "labels": i, "position_ids": position_ids[n % 2]} for n, i in enumerate(ids)]
+        args = TrainingArguments(
+            str(tmp_path / name), per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2, logging_steps=1,
+            save_strategy="no", report_to="none", use_cpu=True, seed=0, gradient_checkpointing=True,
+            gradient_checkpointing_kwargs=checkpoint_kwargs,
+        )
+        trainer = run_magi_clm.MagiTrainer(cp_size=1, model=model, args=args, train_dataset=dataset,
+                                           data_collator=default_data_collator)
+        enable_memory_options(trainer, None)
+        operators = CountOperators()
+        with operators:
+            trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return operators.calls["magi_portable::attention"], losses, dict(model.named_parameters())
+
+    kernel_runs, losses, params = train("reference", None)
+    assert kernel_runs == 2 * layers * steps
+    kept_kernel_runs, kept_losses, kept_params = train("kept", {"keep_attention_outputs": True})
+    assert kept_kernel_runs == layers * steps
+    assert kept_losses == losses
+    for name, param in params.items():
+        assert torch.equal(kept_params[name], param), name

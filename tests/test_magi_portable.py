@@ -196,18 +196,39 @@ def check_key_and_layout(group, gen):
 FA4_CALLS = []
 
 
-def fa4_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+def fa4_ranges(cu_seqlens_q, cu_seqlens_k):
+    return zip(cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:])
+
+
+def fa4_forward_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
     """FlashAttention-4's varlen semantics in float64 on the CPU: batch i is queries [cu_q[i], cu_q[i+1]) against
-    keys [cu_k[i], cu_k[i+1]), causal bottom-right aligned."""
-    FA4_CALLS.append(len(cu_seqlens_q) - 1)
+    keys [cu_k[i], cu_k[i+1]), causal bottom-right aligned; lse [heads, tokens]."""
+    FA4_CALLS.append(("forward", len(cu_seqlens_q) - 1))
     assert q.shape[0] == cu_seqlens_q[-1] and k.shape[0] == v.shape[0] == cu_seqlens_k[-1]
     assert max_seqlen_q == max(torch.diff(cu_seqlens_q)) and max_seqlen_k == max(torch.diff(cu_seqlens_k))
     outs, lses = [], []
-    for q_start, q_end, k_start, k_end in zip(cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:]):
+    for q_start, q_end, k_start, k_end in fa4_ranges(cu_seqlens_q, cu_seqlens_k):
         out, lse = magi._attend_block(q[q_start:q_end], k[k_start:k_end], v[k_start:k_end], scale, causal)
         outs.append(out)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    return torch.cat(outs), torch.cat(lses).T
+
+
+def fa4_backward_stand_in(q, k, v, out, lse, grad_out, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, scale, causal):
+    """FlashAttention-4's varlen backward, the same way; lse and grad_lse [heads, tokens]."""
+    FA4_CALLS.append(("backward", len(cu_seqlens_q) - 1))
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous()
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for q_start, q_end, k_start, k_end in fa4_ranges(cu_seqlens_q, cu_seqlens_k):
+        queries, keys = slice(q_start, q_end), slice(k_start, k_end)
+        block_grads = magi._attend_block_backward(
+            q[queries], k[keys], v[keys], out[queries], lse.T[queries], grad_out[queries],
+            None if grad_lse is None else grad_lse.T[queries], scale, causal,
+        )
+        for grad, block_grad, rows in zip(grads, block_grads, (queries, keys, keys)):
+            grad[rows] += block_grad
+    return grads
 
 
 def cp_worker(rank, cp_size, store_path, results):
@@ -234,13 +255,15 @@ def cp_worker(rank, cp_size, store_path, results):
             assert len(key.plan.rank_chunks[0]) >= 2
         # The fa4 kernel's layout (query ranges, a copy of each one's keys, the pad tail, the gradients of keys
         # that several ranges share), with a float64 CPU stand-in for FlashAttention-4's varlen call.
-        magi._fa4_varlen_attention = fa4_stand_in
+        magi._fa4_varlen_forward, magi._fa4_varlen_backward = fa4_forward_stand_in, fa4_backward_stand_in
         magi._fa4_unavailable = lambda device, dtype: None
         os.environ[magi.KERNEL_ENV] = "fa4"
         for causal in (True, False):
-            run_case(group, [0, 157], causal, 8, torch.float64, gen)
-            run_case(group, random_cu_seqlens(gen, 203, 5), causal, 8, torch.float64, gen)
-        assert FA4_CALLS and all(n == len(magi.get_most_recent_key(group).plan.query_ranges) for n in FA4_CALLS[-1:])
+            for cu_seqlens in ([0, 157], random_cu_seqlens(gen, 203, 5)):
+                FA4_CALLS.clear()
+                key = run_case(group, cu_seqlens, causal, 8, torch.float64, gen)
+                # One call forward and one backward, each for all of this rank's query ranges.
+                assert FA4_CALLS == [("forward", len(key.plan.query_ranges)), ("backward", len(key.plan.query_ranges))]
         torch.distributed.destroy_process_group()
         results.put((rank, None))
     except BaseException:
