@@ -9,18 +9,13 @@ perplexity, token accuracy) and save. With no model and no dataset given it trai
     torchrun --nproc_per_node 1 run_origin_clm.py --output_dir out --do_train --do_eval
 """
 
-import gc
-import json
 import logging
 import math
 import os
-import socket
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
-from pathlib import Path
 from typing import Optional
 
 import datasets
@@ -28,7 +23,6 @@ import numpy as np
 import torch
 import transformers
 from datasets import load_dataset
-from safetensors import SafetensorError, safe_open
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -41,10 +35,10 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from embedded_default import prepare_default_corpus, small_llama_config
 from long_context import enable_memory_options
+from run_guards import check_checkpoint, check_data_files, claim_output_dir, release_output_dir, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -184,17 +178,7 @@ def load_raw_datasets(data_args, model_args):
         data_files = {"train": data_args.train_file}
         if data_args.validation_file is not None:
             data_files["validation"] = data_args.validation_file
-        for path in data_files.values():
-            if not os.path.isfile(path) or os.path.getsize(path) == 0:
-                raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    while f.read(1 << 24):
-                        pass
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"Data file {path} is not UTF-8 text ({error.reason}): convert it to UTF-8 (e.g. with iconv)."
-                ) from None
+        check_data_files(data_files.values())
         extension = data_args.train_file.split(".")[-1]
         loader = "text" if extension == "txt" else extension
         loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks, "sample_by": data_args.text_sample_by} \
@@ -207,80 +191,6 @@ def load_raw_datasets(data_args, model_args):
         raw["validation"] = load_dataset(*source, split=f"train[:{pct}%]", **loader_kwargs, **hub_kwargs)
         raw["train"] = load_dataset(*source, split=f"train[{pct}%:]", **loader_kwargs, **hub_kwargs)
     return raw
-
-
-def process_is_running(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
-def claim_output_dir(training_args):
-    """Make this run the only one in its output folder, before any work: a folder in use by a live run (its lock
-    file) or holding an earlier run is refused, unless this run resumes from one of that folder's checkpoints.
-    Every rank checks; then the first process takes the lock, which release_output_dir removes at the end."""
-    output_dir = Path(training_args.output_dir)
-    lock = output_dir / "run.lock"
-    if lock.exists():
-        host, pid = lock.read_text().split()
-        if host != socket.gethostname() or process_is_running(int(pid)):
-            raise ValueError(
-                f"Output folder {output_dir} is in use by a run in progress (process {pid} on {host}): wait for it "
-                f"to end or give another --output_dir; if no run is using it, delete {lock}."
-            )
-    earlier = sorted(p.name for p in output_dir.iterdir() if p != lock) if output_dir.is_dir() else []
-    resume = training_args.resume_from_checkpoint
-    resumes_here = resume is not None and Path(resume).resolve().parent == output_dir.resolve()
-    if earlier and not resumes_here:
-        last_checkpoint = get_last_checkpoint(str(output_dir))
-        how = f"resume it with --resume_from_checkpoint {last_checkpoint}, " if last_checkpoint else ""
-        files = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-        raise ValueError(
-            f"Output folder {output_dir} holds an earlier run ({files}): {how}give another --output_dir "
-            "(OUTPUT_DIR for the launchers), or delete the folder."
-        )
-    if resumes_here:
-        logger.info(f"Resuming the run in {output_dir} from {resume}.")
-    elif resume is not None:
-        logger.info(f"Starting a new run in {output_dir} from {resume}.")
-    else:
-        logger.info(f"Starting a new run in {output_dir}.")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank has looked at the folder before the lock is taken
-    if training_args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock.unlink(missing_ok=True)  # a lock left by a run that has ended
-        lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")
-
-
-def check_checkpoint(checkpoint):
-    """Name a damaged file of the checkpoint (a truncated copy, say) on every rank before any work, rather than
-    fail on one rank inside the Trainer with an error that does not name it. Checks that each file is whole, not
-    what it holds."""
-    if not os.path.isdir(checkpoint):
-        return  # the Trainer says it cannot find it
-    for path in sorted(Path(checkpoint).iterdir()):
-        try:
-            if path.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(path).close()  # torch.save writes zip archives, whose index is at the end
-            elif path.suffix == ".safetensors":
-                with safe_open(path, "pt"):
-                    pass
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
-            raise ValueError(
-                f"Checkpoint file {path} is damaged ({error}): resume from another checkpoint, or copy it again."
-            ) from None
-
-
-def release_output_dir(training_args):
-    if training_args.process_index == 0:
-        (Path(training_args.output_dir) / "run.lock").unlink(missing_ok=True)
 
 
 def tokenize_documents(tokenizer, texts):
@@ -572,22 +482,9 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Join the process groups' threads before the interpreter exits. A gloo worker still alive then can be
-    # releasing its last collective, whose saved state holds Python objects: it must take the GIL, CPython ends it
-    # instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a finished
-    # run. A group's threads are joined when its last reference goes, and that must be a Python group object, which
-    # lets go of the GIL while joining: dropped by the Trainer's DDP reducer or by torch's registry, the join would
-    # hold the GIL that the worker waits for. So: keep the groups, free the Trainer (its reference cycles hold them),
-    # destroy the groups, then let go of them.
-    groups = list(torch.distributed.distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []
-    del trainer
-    gc.collect()
-    if groups:
-        torch.distributed.destroy_process_group()
-    del groups
     if training_args.do_train:
         release_output_dir(training_args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
