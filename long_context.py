@@ -16,24 +16,34 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from run_guards import UserError
+
 logger = logging.getLogger(__name__)
+
+
+def check_memory_options(args, tiled_mlp_tokens):
+    """Refuse options that cannot work: the scripts call this at start, before any work."""
+    if (args.gradient_checkpointing_kwargs or {}).get("offload", False) and not args.gradient_checkpointing:
+        raise UserError(
+            'gradient_checkpointing_kwargs {"offload": true} keeps the checkpointed layer inputs in CPU memory, and '
+            "there are none without gradient checkpointing: add --gradient_checkpointing, or drop the offload."
+        )
+    if tiled_mlp_tokens is not None and tiled_mlp_tokens <= 0:
+        raise UserError(
+            f"--tiled_mlp_tokens must be a positive number of tokens, got {tiled_mlp_tokens}: give a positive number, "
+            "or leave it unset."
+        )
 
 
 def enable_memory_options(trainer, tiled_mlp_tokens):
     """Check and switch on the options, once the Trainer is made (it parses gradient_checkpointing_kwargs)."""
     args = trainer.args
+    check_memory_options(args, tiled_mlp_tokens)
     # Taken out of what the Trainer hands to gradient_checkpointing_enable (done here instead), in place: transformers
     # 5.23 reads the same dict as activation_checkpointing_kwargs; 4.51 takes its default for None, not for {}.
     offload = bool((args.gradient_checkpointing_kwargs or {}).pop("offload", False))
     if args.gradient_checkpointing_kwargs == {}:
         args.gradient_checkpointing_kwargs = None
-    if offload and not args.gradient_checkpointing:
-        raise ValueError(
-            'gradient_checkpointing_kwargs {"offload": true} keeps the checkpointed layer inputs in CPU memory, and '
-            "there are none without gradient checkpointing: add --gradient_checkpointing, or drop the offload."
-        )
-    if tiled_mlp_tokens is not None and tiled_mlp_tokens <= 0:
-        raise ValueError(f"--tiled_mlp_tokens must be a positive number of tokens, got {tiled_mlp_tokens}.")
     decoder = trainer.model.get_decoder()
     if offload:
         logger.info("Gradient checkpointing keeps the checkpointed layer inputs in CPU memory.")

@@ -29,7 +29,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -37,8 +36,23 @@ from transformers import (
 )
 
 from embedded_default import prepare_default_corpus, small_llama_config
-from long_context import enable_memory_options
-from run_guards import check_checkpoint, check_data_files, claim_output_dir, release_output_dir, run_main
+from long_context import check_memory_options, enable_memory_options
+from run_guards import (
+    ArgumentParser,
+    RunRecord,
+    UserError,
+    check_arguments,
+    check_checkpoint,
+    check_data_files,
+    check_validation_split,
+    claim_output_dir,
+    release_output_dir,
+    run_definition,
+    run_main,
+    text_column,
+    train_loss_of_the_run,
+    writes_explained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +121,7 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.config_overrides is not None and (self.config_name is not None or self.model_name_or_path is not None):
-            raise ValueError("--config_overrides can't be used with --config_name or --model_name_or_path")
+            raise UserError("--config_overrides can't be used with --config_name or --model_name_or_path")
 
 
 @dataclass
@@ -158,11 +172,16 @@ class DataTrainingArguments:
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
             if path is not None and path.split(".")[-1] not in ("csv", "json", "txt"):
-                raise ValueError(f"--{name} must be a .csv, .json or .txt file, got {path}")
+                raise UserError(f"--{name} must be a .csv, .json or .txt file, got {path}")
         if self.dataset_name is None and self.train_file is None and self.validation_file is not None:
-            raise ValueError(
+            raise UserError(
                 "--validation_file was given without --train_file: give --train_file too, or neither to train on "
                 "the embedded default."
+            )
+        if self.block_size is not None and self.block_size < 2:
+            raise UserError(
+                f"--block_size {self.block_size} trains nothing (a block's first token is no target, so a block needs "
+                "2 tokens or more): pass a --block_size of 2 or more, or leave it unset."
             )
 
 
@@ -188,6 +207,8 @@ def load_raw_datasets(data_args, model_args):
         loader_kwargs["data_files"] = data_files
     if "validation" not in raw:
         pct = data_args.validation_split_percentage
+        if not data_args.streaming:
+            check_validation_split(raw["train"], pct, data_args.train_file or data_args.dataset_name)
         raw["validation"] = load_dataset(*source, split=f"train[:{pct}%]", **loader_kwargs, **hub_kwargs)
         raw["train"] = load_dataset(*source, split=f"train[{pct}%:]", **loader_kwargs, **hub_kwargs)
     return raw
@@ -240,7 +261,7 @@ def collate_with_document_mask(features, dtype):
 
 def main():
     # Arguments: from the command line, or from one .json file given as the only argument.
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = ArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
@@ -256,20 +277,27 @@ def main():
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     logging.getLogger(enable_memory_options.__module__).setLevel(log_level)  # it logs the memory options it enables
+    logging.getLogger(claim_output_dir.__module__).setLevel(log_level)  # it logs how the run starts
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
     logger.warning(
-        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
         f"16-bits training: {training_args.fp16 or training_args.bf16}"
     )
     logger.info(f"Training/evaluation parameters {training_args}")
 
+    data_parallel_size = training_args.world_size
+    check_arguments(model_args, data_args, training_args, data_parallel_size)
+    check_memory_options(training_args, model_args.tiled_mlp_tokens)
     if training_args.do_train:
+        definition = run_definition(model_args, data_args, training_args, data_parallel_size)
+        resumed = None
         if training_args.resume_from_checkpoint is not None:
-            check_checkpoint(training_args.resume_from_checkpoint)
+            resumed = training_args.resume_from_checkpoint, check_checkpoint(
+                training_args.resume_from_checkpoint, definition)
         claim_output_dir(training_args)
 
     set_seed(training_args.seed)
@@ -298,7 +326,7 @@ def main():
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     if data_args.document_masking and tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise UserError(
             f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
             f"{type(tokenizer).__name__} has none: use a tokenizer with an eos_token, or drop --document_masking."
         )
@@ -333,7 +361,10 @@ def main():
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
+        if training_args.resume_from_checkpoint is None:
+            logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
+        else:
+            logger.info(f"Built a model of {n_params / 1e6:.2f}M params for the checkpoint's weights")
 
     # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it
     # is, with eager or SDPA attention. transformers 4.51's build their mask in _update_causal_mask, which passes a 4D
@@ -343,7 +374,7 @@ def main():
         and (hasattr(model.get_decoder(), "_update_causal_mask") or int(transformers.__version__.split(".")[0]) >= 5
              and getattr(model, "_supports_attention_backend", False))
     ):
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__} with {model.config._attn_implementation} attention cannot take the document "
             "mask: --document_masking needs a model that takes a 4D attention mask as it is (Llama, Mistral, "
             "Qwen2, ...) with eager or sdpa attention."
@@ -363,19 +394,15 @@ def main():
         logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
     else:
         block_size = data_args.block_size
-    if block_size <= 0:
-        raise ValueError(
-            f"--block_size must be positive, got {block_size}: pass a positive --block_size or leave it unset."
-        )
     if max_pos_embeddings is not None and block_size > max_pos_embeddings:
-        raise ValueError(
+        raise UserError(
             f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
             "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
         )
 
     # Tokenize every text column, then concatenate and cut into blocks of block_size tokens.
     column_names = list(raw_datasets["train" if training_args.do_train else "validation"].features)
-    text_column_name = "text" if "text" in column_names else column_names[0]
+    text_column_name = text_column(raw_datasets, data_args.train_file or data_args.dataset_name)
 
     def tokenize_function(examples):
         if data_args.document_masking:
@@ -412,7 +439,7 @@ def main():
                 range(min(len(dataset), max_samples))
             )
         if not data_args.streaming and len(dataset) == 0:
-            raise ValueError(
+            raise UserError(
                 f"The {split} text is shorter than one block of {block_size} tokens: "
                 "give more text or a smaller --block_size."
             )
@@ -450,10 +477,14 @@ def main():
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # also saves the tokenizer
+        trainer.add_callback(RunRecord(definition, resumed))  # the run's definition, kept in each checkpoint
+        with writes_explained(training_args.output_dir):
+            train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            trainer.save_model()  # also saves the tokenizer
 
         metrics = train_result.metrics
+        if resumed is not None:
+            train_loss_of_the_run(metrics, trainer.state, resumed[1]["global_step"])
         max_train_samples = data_args.max_train_samples or len(train_dataset)
         metrics["train_samples"] = min(max_train_samples, len(train_dataset))
         trainer.log_metrics("train", metrics)
