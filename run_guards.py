@@ -232,9 +232,9 @@ def run_definition(model_args, data_args, training_args, data_parallel_size):
     definition = {name: getattr(model_args, name) for name in RUN_DEFINITION["model"]}
     definition.update({name: getattr(data_args, name) for name in RUN_DEFINITION["data"]})
     definition.update({name: training.get(name) for name in RUN_DEFINITION["training"]})
-    for name, value in definition.items():
-        if isinstance(value, str) and os.path.exists(value):
-            definition[name] = os.path.abspath(value)
+    for name in RUN_DEFINITION["model"] + RUN_DEFINITION["data"]:
+        if isinstance(definition[name], str) and os.path.exists(definition[name]):
+            definition[name] = os.path.abspath(definition[name])
     definition["global_batch"] = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                                   * data_parallel_size)
     return json.loads(json.dumps(definition))  # as it reads back from a checkpoint
@@ -409,9 +409,10 @@ def claim_output_dir(training_args):
             partial.write_text(f"{socket.gethostname()} {os.getpid()}\n")
             partial.replace(lock)
         except OSError as error:
-            partial.unlink(missing_ok=True)
-            raise UserError(f"{why_not_written(output_dir, error)}, so the run cannot start in it: make room, or "
-                            "give another --output_dir.") from None
+            if partial.exists():
+                partial.unlink()
+            what, remedy = why_not_written(output_dir, error)
+            raise UserError(f"{what}, so the run cannot start in it: {remedy}, or give another --output_dir.") from None
 
 
 def earlier_run_message(output_dir, earlier, overwrite):
@@ -451,8 +452,8 @@ def process_is_running(pid):
 
 
 def why_not_written(folder, error):
-    """'The disk of F is full' or 'F cannot be written (reason)' when that is why a write failed, else None. The
-    errors do not always say so: torch's writer on a full disk says "unexpected pos", and the other ranks see only
+    """('The disk of F is full', 'make room') or ('F cannot be written (reason)', 'make it writable') when that is why
+    a write failed, else None. The errors do not always say so: torch's writer on a full disk says "unexpected pos", and the other ranks see only
     a collective whose peer is gone."""
     folder = Path(folder).absolute()
     errnos = set()
@@ -462,13 +463,16 @@ def why_not_written(folder, error):
         error = error.__cause__ or error.__context__
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if errnos & {errno.ENOSPC, errno.EDQUOT} or free < 1 << 20:
-        return f"The disk of {folder} is full ({free} bytes free)"
+    full = f"The disk of {folder} is full ({free} bytes free)", "make room"
+    if errnos & {errno.ENOSPC, errno.EDQUOT}:
+        return full
     for number in (errno.EROFS, errno.EACCES, errno.EPERM):
         if number in errnos:
-            return f"{folder} cannot be written ({os.strerror(number)})"
+            return f"{folder} cannot be written ({os.strerror(number)})", "make it writable"
+    if free < 1 << 20:
+        return full
     if not os.access(existing, os.W_OK):
-        return f"{folder} cannot be written"
+        return f"{folder} cannot be written", "make it writable"
     return None
 
 
@@ -479,14 +483,15 @@ def writes_explained(output_dir):
     try:
         yield
     except Exception as error:
-        what = why_not_written(output_dir, error)
-        if what is None:
+        why = why_not_written(output_dir, error)
+        if why is None:
             raise
+        what, remedy = why
         written = checkpoints(output_dir)
         where = f" while writing {written[-1].name}" if written and checkpoint_gap(written[-1]) else ""
         last = last_complete_checkpoint(output_dir)
-        then = (f"the last complete checkpoint is {last}: make room, then resume from it (--resume_from_checkpoint)"
-                if last else "no checkpoint is complete: make room, then start again")
+        then = (f"the last complete checkpoint is {last}: {remedy}, then resume from it (--resume_from_checkpoint)"
+                if last else f"no checkpoint is complete: {remedy}, then start again")
         raise UserError(f"{what}{where}: {then}.") from error
 
 

@@ -327,8 +327,8 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     if data_args.document_masking and tokenizer.eos_token_id is None:
         raise UserError(
-            f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
-            f"{type(tokenizer).__name__} has none: use a tokenizer with an eos_token, or drop --document_masking."
+            f"--document_masking ends every document with the tokenizer's end-of-text token, and the tokenizer "
+            f"{tokenizer_name} has none: use a tokenizer with an eos_token, or drop --document_masking."
         )
 
     if model_args.config_name:
@@ -472,12 +472,13 @@ def main():
         else default_data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        # The run's definition, kept in each checkpoint; before the progress bar's callback, which would draw first.
+        callbacks=[RunRecord(definition, resumed)] if training_args.do_train else None,
     )
     # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
-        trainer.add_callback(RunRecord(definition, resumed))  # the run's definition, kept in each checkpoint
         with writes_explained(training_args.output_dir):
             train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
             trainer.save_model()  # also saves the tokenizer

@@ -62,8 +62,8 @@ BAD_INPUTS = [
      "1 of the 40 records of the train data ({tmp}/holes.json) have no 'text': give every record a 'text'."),
     ("document masking with a tokenizer without end-of-text token",
      ["--document_masking", "--tokenizer_name", "{tmp}/tokenizer_without_eos"], {},
-     "--document_masking ends every document with the tokenizer's end-of-text token, and this "
-     "PreTrainedTokenizerFast has none: use a tokenizer with an eos_token, or drop --document_masking."),
+     "--document_masking ends every document with the tokenizer's end-of-text token, and the tokenizer "
+     "{tmp}/tokenizer_without_eos has none: use a tokenizer with an eos_token, or drop --document_masking."),
     ("the output folder of an earlier run", ["--output_dir", "{tmp}/earlier"], {},
      "Output folder {tmp}/earlier holds an earlier run (checkpoint-30, checkpoint-35), whose checkpoint-35 is "
      "incomplete: resume it with --resume_from_checkpoint {tmp}/earlier/checkpoint-30, give another --output_dir "

@@ -119,12 +119,12 @@ def run_origin_main(monkeypatch, *args, env=None):
 
 
 @contextmanager
-def small_disk(path, size):
-    """A file system of `size` (tmpfs) mounted at path, for as long as the block runs; the test is skipped where
-    this machine does not let mount it (it needs root)."""
+def small_disk(path, size, options=""):
+    """A file system of `size` (tmpfs, with more mount options if given: "ro") mounted at path, for as long as the
+    block runs; the test is skipped where this machine does not let mount it (it needs root)."""
     path.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                           text=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(filter(None, [f"size={size}", options])), "tmpfs",
+                            str(path)], capture_output=True, text=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small file system here: {mount.stderr.strip()}")
     try:

@@ -47,6 +47,14 @@ def test_a_full_disk_at_start_is_named(tmp_path):
         assert not (disk / "out" / "run.lock").exists()
 
 
+def test_a_read_only_folder_at_start_is_named(tmp_path):
+    with small_disk(tmp_path / "disk", "64k", "ro") as disk:
+        with pytest.raises(UserError) as error:
+            claim(disk)
+        assert str(error.value) == f"{disk} cannot be written (Read-only file system), so the run cannot start in " \
+            "it: make it writable, or give another --output_dir."
+
+
 def test_a_sharded_checkpoint_is_complete(tmp_path):
     # FSDP's: the model and optimizer state in folders of .distcp files.
     checkpoint = tmp_path / "checkpoint-4"
