@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 USER_ERROR_EXIT = 2  # as argparse's: the run refused its input and said why (scripts/torchrun.py reads it)
 LOCK = "run.lock"
+held_locks = []  # the output folder's lock this process took: let go of at the end, or on a bad input met later
 # A checkpoint's model weights and optimizer state: whole files, or FSDP's sharded folders.
 WEIGHTS = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "pytorch_model_fsdp.bin",
            "pytorch_model_fsdp_0")
@@ -107,6 +108,7 @@ def run_main(main):
         if int(os.environ.get("LOCAL_RANK", 0)) != 0:
             time.sleep(5)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+        release_output_dir()
         logging.shutdown()
         sys.stdout.flush()
         # At once: with a process group up, the interpreter's shutdown can take seconds, and torchrun ends the
@@ -140,12 +142,11 @@ def check_arguments(model_args, data_args, training_args, data_parallel_size):
     if training_args.do_train and training_args.max_steps == 0:
         raise UserError("--max_steps 0 would train nothing (the Trainer trains one step): give a positive "
                         "--max_steps (MAX_STEPS for the launchers), or leave it unset to train --num_train_epochs.")
-    global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                    * data_parallel_size)
     launcher_batch = os.environ.get("GLOBAL_BATCH")
-    if training_args.do_train and launcher_batch is not None and int(launcher_batch) != global_batch:
+    if training_args.do_train and launcher_batch is not None and \
+            int(launcher_batch) != global_batch(training_args, data_parallel_size):
         raise UserError(
-            f"The arguments make a global batch of {global_batch} samples a step (per_device_train_batch_size "
+            f"The arguments make a global batch of {global_batch(training_args, data_parallel_size)} samples a step (per_device_train_batch_size "
             f"{training_args.per_device_train_batch_size} x gradient_accumulation_steps "
             f"{training_args.gradient_accumulation_steps} x {data_parallel_size} data-parallel replicas), not "
             f"GLOBAL_BATCH={launcher_batch}: set GLOBAL_BATCH, PER_DEVICE_BATCH or CP_SIZE for the launchers instead "
@@ -154,6 +155,11 @@ def check_arguments(model_args, data_args, training_args, data_parallel_size):
     for argument, file in (("model_name_or_path", CONFIG_NAME), ("config_name", CONFIG_NAME),
                            ("tokenizer_name", "tokenizer_config.json")):
         check_model_source(argument, getattr(model_args, argument), file, model_args.cache_dir)
+
+
+def global_batch(training_args, data_parallel_size):
+    """Samples a step."""
+    return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * data_parallel_size
 
 
 def check_model_source(argument, name, file, cache_dir):
@@ -235,8 +241,7 @@ def run_definition(model_args, data_args, training_args, data_parallel_size):
     for name in RUN_DEFINITION["model"] + RUN_DEFINITION["data"]:
         if isinstance(definition[name], str) and os.path.exists(definition[name]):
             definition[name] = os.path.abspath(definition[name])
-    definition["global_batch"] = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                                  * data_parallel_size)
+    definition["global_batch"] = global_batch(training_args, data_parallel_size)
     return json.loads(json.dumps(definition))  # as it reads back from a checkpoint
 
 
@@ -408,6 +413,7 @@ def claim_output_dir(training_args):
             output_dir.mkdir(parents=True, exist_ok=True)
             partial.write_text(f"{socket.gethostname()} {os.getpid()}\n")
             partial.replace(lock)
+            held_locks.append(lock)
         except OSError as error:
             if partial.exists():
                 partial.unlink()
@@ -436,9 +442,9 @@ def earlier_run_message(output_dir, earlier, overwrite):
     return f"{message}: {how}give another --output_dir (OUTPUT_DIR for the launchers), or delete the folder."
 
 
-def release_output_dir(training_args):
-    if training_args.process_index == 0:
-        (Path(training_args.output_dir) / LOCK).unlink(missing_ok=True)
+def release_output_dir():
+    while held_locks:
+        held_locks.pop().unlink(missing_ok=True)
 
 
 def process_is_running(pid):

@@ -729,8 +729,7 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    if training_args.do_train:
-        release_output_dir(training_args)
+    release_output_dir()
 
 
 if __name__ == "__main__":
