@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import embedded_default
 from bad_inputs import LAUNCHER_BAD_SETTINGS
 from runs import ENV, REPO, error_lines, launch
 
@@ -61,9 +62,12 @@ def alive(pid):
 def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
     # kill -9 of torchrun's agent: it cannot stop the ranks, which run in sessions of their own.
     log = tmp_path / "log"
+    train_file, _, _ = embedded_default.prepare_default_corpus()
+    (tmp_path / "small.txt").write_text(Path(train_file).read_text()[:20000])
     with open(log, "w") as out:
         launcher = subprocess.Popen(
-            ["bash", str(REPO / "run_magi_clm.sh"), "--block_size", "64", "--save_steps", "1000"], cwd=tmp_path,
+            ["bash", str(REPO / "run_magi_clm.sh"), "--train_file", "small.txt", "--validation_file", "small.txt",
+             "--block_size", "64", "--save_steps", "1000"], cwd=tmp_path,
             env={**os.environ, **ENV, "OUTPUT_DIR": "out", "MAX_STEPS": "1000"}, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
