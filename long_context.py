@@ -24,24 +24,38 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode  # torch's own selective checkpointing is built on it
 from transformers import TrainerCallback
 
+from run_guards import UserError
+
 logger = logging.getLogger(__name__)
+
+
+def check_memory_options(args, tiled_mlp_tokens):
+    """Refuse options that cannot work: the scripts call this at start, before any work."""
+    checkpoint_kwargs = args.gradient_checkpointing_kwargs or {}
+    if checkpoint_kwargs.get("keep_attention_outputs", False) not in (False, 0):
+        check_keep_attention_outputs(checkpoint_kwargs["keep_attention_outputs"], args.gradient_checkpointing,
+                                     checkpoint_kwargs)
+    if checkpoint_kwargs.get("offload", False) and not args.gradient_checkpointing:
+        raise UserError(
+            'gradient_checkpointing_kwargs {"offload": true} keeps the checkpointed layer inputs in CPU memory, and '
+            "there are none without gradient checkpointing: add --gradient_checkpointing, or drop the offload."
+        )
+    if tiled_mlp_tokens is not None and tiled_mlp_tokens <= 0:
+        raise UserError(
+            f"--tiled_mlp_tokens must be a positive number of tokens, got {tiled_mlp_tokens}: give a positive number, "
+            "or leave it unset."
+        )
 
 
 def enable_memory_options(trainer, tiled_mlp_tokens):
     """Check and switch on the options, once the Trainer is made (it parses gradient_checkpointing_kwargs)."""
     args = trainer.args
+    check_memory_options(args, tiled_mlp_tokens)
     # Taken out of what the Trainer hands to gradient_checkpointing_enable (done here instead), in place: transformers
     # 5.23 reads the same dict as activation_checkpointing_kwargs; 4.51 takes its default for None, not for {}.
     checkpoint_kwargs = args.gradient_checkpointing_kwargs or {}
     offload = bool(checkpoint_kwargs.pop("offload", False))
     keep_attention_outputs = checkpoint_kwargs.pop("keep_attention_outputs", False)
-    if offload and not args.gradient_checkpointing:
-        raise ValueError(
-            'gradient_checkpointing_kwargs {"offload": true} keeps the checkpointed layer inputs in CPU memory, and '
-            "there are none without gradient checkpointing: add --gradient_checkpointing, or drop the offload."
-        )
-    if tiled_mlp_tokens is not None and tiled_mlp_tokens <= 0:
-        raise ValueError(f"--tiled_mlp_tokens must be a positive number of tokens, got {tiled_mlp_tokens}.")
     decoder = trainer.model.get_decoder()
     if offload:
         logger.info("Gradient checkpointing keeps the checkpointed layer inputs in CPU memory.")
@@ -70,18 +84,18 @@ def enable_memory_options(trainer, tiled_mlp_tokens):
 def check_keep_attention_outputs(value, gradient_checkpointing, checkpoint_kwargs):
     """The number of layers that keep their attention outputs (math.inf for true: every one), or a clear error."""
     if value is not True and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(
+        raise UserError(
             f'gradient_checkpointing_kwargs "keep_attention_outputs" is true (every layer) or a number of layers, got '
             f"{value!r}."
         )
     if not gradient_checkpointing:
-        raise ValueError(
+        raise UserError(
             'gradient_checkpointing_kwargs {"keep_attention_outputs": ...} keeps attention outputs for the '
             "recomputation of checkpointed layers, and there is none without gradient checkpointing: add "
             "--gradient_checkpointing, or drop keep_attention_outputs."
         )
     if checkpoint_kwargs.get("use_reentrant", False):
-        raise ValueError(
+        raise UserError(
             'gradient_checkpointing_kwargs "keep_attention_outputs" needs the non-reentrant checkpoint: drop '
             '"use_reentrant": true.'
         )

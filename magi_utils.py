@@ -15,6 +15,8 @@ from packaging import version
 from torch.distributed.device_mesh import init_device_mesh
 from transformers.utils.versions import require_version
 
+from run_guards import UserError
+
 # MagiAttention v1.1.1's chunk size, which the real API does not export; pad_size depends on it.
 from magi_portable import default_chunk_size  # noqa: F401
 
@@ -28,7 +30,7 @@ SUPPORTED_STACKS = (
 
 def load_magi_api(choice):
     if choice not in ("auto", "magi", "portable"):
-        raise ValueError(f"MAGI_ATTENTION_BACKEND={choice!r}: use auto, magi or portable.")
+        raise UserError(f"MAGI_ATTENTION_BACKEND={choice!r}: use auto, magi or portable.")
     if choice != "portable":
         try:
             return importlib.import_module("magi_attention.api")
@@ -56,7 +58,7 @@ def check_supported_versions():
             continue
     installed = " with ".join(f"{name} {importlib.metadata.version(name)}" for name in ("transformers", "accelerate"))
     stacks = " or ".join(f"{t} with {a} ({install})" for t, a, install in SUPPORTED_STACKS)
-    raise RuntimeError(f"{installed} is not supported: the context-parallel overrides are written for {stacks}.")
+    raise UserError(f"{installed} is not supported: the context-parallel overrides are written for {stacks}.")
 
 
 # Where the two supported stacks differ: the model's mask and the names accelerate reads in a device mesh.
@@ -88,16 +90,16 @@ def check_model_takes_magi_attention(model, attn_implementation):
         not MODEL_BUILDS_ITS_OWN_MASK or hasattr(model.get_decoder(), "_update_causal_mask")
     )
     if not takes_it:
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__} cannot take the registered attention function '{attn_implementation}': "
             "it does not call attention through transformers' ALL_ATTENTION_FUNCTIONS. Use a model that does "
             "(Llama, Mistral, Qwen2, ...) or run run_origin_clm.py."
         )
     num_heads, num_kv_heads = attention_heads(model.config)
     if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads}): "
-            "grouped-query attention cannot split the heads. Fix the model config (--config_overrides)."
+        raise UserError(
+            f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads}), so "
+            "grouped-query attention cannot split the heads: fix the model config (--config_overrides)."
         )
 
 

@@ -9,18 +9,13 @@ perplexity, token accuracy) and save. With no model and no dataset given it trai
     torchrun --nproc_per_node 1 run_origin_clm.py --output_dir out --do_train --do_eval
 """
 
-import gc
-import json
 import logging
 import math
 import os
-import socket
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
-from pathlib import Path
 from typing import Optional
 
 import datasets
@@ -28,23 +23,36 @@ import numpy as np
 import torch
 import transformers
 from datasets import load_dataset
-from safetensors import SafetensorError, safe_open
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from embedded_default import prepare_default_corpus, small_llama_config
-from long_context import enable_memory_options
+from long_context import check_memory_options, enable_memory_options
+from run_guards import (
+    ArgumentParser,
+    RunRecord,
+    UserError,
+    check_arguments,
+    check_checkpoint,
+    check_data_files,
+    check_validation_split,
+    claim_output_dir,
+    release_output_dir,
+    run_definition,
+    run_main,
+    text_column,
+    train_loss_of_the_run,
+    writes_explained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +121,7 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.config_overrides is not None and (self.config_name is not None or self.model_name_or_path is not None):
-            raise ValueError("--config_overrides can't be used with --config_name or --model_name_or_path")
+            raise UserError("--config_overrides can't be used with --config_name or --model_name_or_path")
 
 
 @dataclass
@@ -164,11 +172,16 @@ class DataTrainingArguments:
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
             if path is not None and path.split(".")[-1] not in ("csv", "json", "txt"):
-                raise ValueError(f"--{name} must be a .csv, .json or .txt file, got {path}")
+                raise UserError(f"--{name} must be a .csv, .json or .txt file, got {path}")
         if self.dataset_name is None and self.train_file is None and self.validation_file is not None:
-            raise ValueError(
+            raise UserError(
                 "--validation_file was given without --train_file: give --train_file too, or neither to train on "
                 "the embedded default."
+            )
+        if self.block_size is not None and self.block_size < 2:
+            raise UserError(
+                f"--block_size {self.block_size} trains nothing (a block's first token is no target, so a block needs "
+                "2 tokens or more): pass a --block_size of 2 or more, or leave it unset."
             )
 
 
@@ -184,17 +197,7 @@ def load_raw_datasets(data_args, model_args):
         data_files = {"train": data_args.train_file}
         if data_args.validation_file is not None:
             data_files["validation"] = data_args.validation_file
-        for path in data_files.values():
-            if not os.path.isfile(path) or os.path.getsize(path) == 0:
-                raise ValueError(f"Data file {path} is missing or empty: give a text file with content.")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    while f.read(1 << 24):
-                        pass
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"Data file {path} is not UTF-8 text ({error.reason}): convert it to UTF-8 (e.g. with iconv)."
-                ) from None
+        check_data_files(data_files.values())
         extension = data_args.train_file.split(".")[-1]
         loader = "text" if extension == "txt" else extension
         loader_kwargs = {"keep_linebreaks": data_args.keep_linebreaks, "sample_by": data_args.text_sample_by} \
@@ -204,83 +207,11 @@ def load_raw_datasets(data_args, model_args):
         loader_kwargs["data_files"] = data_files
     if "validation" not in raw:
         pct = data_args.validation_split_percentage
+        if not data_args.streaming:
+            check_validation_split(raw["train"], pct, data_args.train_file or data_args.dataset_name)
         raw["validation"] = load_dataset(*source, split=f"train[:{pct}%]", **loader_kwargs, **hub_kwargs)
         raw["train"] = load_dataset(*source, split=f"train[{pct}%:]", **loader_kwargs, **hub_kwargs)
     return raw
-
-
-def process_is_running(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
-def claim_output_dir(training_args):
-    """Make this run the only one in its output folder, before any work: a folder in use by a live run (its lock
-    file) or holding an earlier run is refused, unless this run resumes from one of that folder's checkpoints.
-    Every rank checks; then the first process takes the lock, which release_output_dir removes at the end."""
-    output_dir = Path(training_args.output_dir)
-    lock = output_dir / "run.lock"
-    if lock.exists():
-        host, pid = lock.read_text().split()
-        if host != socket.gethostname() or process_is_running(int(pid)):
-            raise ValueError(
-                f"Output folder {output_dir} is in use by a run in progress (process {pid} on {host}): wait for it "
-                f"to end or give another --output_dir; if no run is using it, delete {lock}."
-            )
-    earlier = sorted(p.name for p in output_dir.iterdir() if p != lock) if output_dir.is_dir() else []
-    resume = training_args.resume_from_checkpoint
-    resumes_here = resume is not None and Path(resume).resolve().parent == output_dir.resolve()
-    if earlier and not resumes_here:
-        last_checkpoint = get_last_checkpoint(str(output_dir))
-        how = f"resume it with --resume_from_checkpoint {last_checkpoint}, " if last_checkpoint else ""
-        files = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-        raise ValueError(
-            f"Output folder {output_dir} holds an earlier run ({files}): {how}give another --output_dir "
-            "(OUTPUT_DIR for the launchers), or delete the folder."
-        )
-    if resumes_here:
-        logger.info(f"Resuming the run in {output_dir} from {resume}.")
-    elif resume is not None:
-        logger.info(f"Starting a new run in {output_dir} from {resume}.")
-    else:
-        logger.info(f"Starting a new run in {output_dir}.")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank has looked at the folder before the lock is taken
-    if training_args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock.unlink(missing_ok=True)  # a lock left by a run that has ended
-        lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")
-
-
-def check_checkpoint(checkpoint):
-    """Name a damaged file of the checkpoint (a truncated copy, say) on every rank before any work, rather than
-    fail on one rank inside the Trainer with an error that does not name it. Checks that each file is whole, not
-    what it holds."""
-    if not os.path.isdir(checkpoint):
-        return  # the Trainer says it cannot find it
-    for path in sorted(Path(checkpoint).iterdir()):
-        try:
-            if path.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(path).close()  # torch.save writes zip archives, whose index is at the end
-            elif path.suffix == ".safetensors":
-                with safe_open(path, "pt"):
-                    pass
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
-            raise ValueError(
-                f"Checkpoint file {path} is damaged ({error}): resume from another checkpoint, or copy it again."
-            ) from None
-
-
-def release_output_dir(training_args):
-    if training_args.process_index == 0:
-        (Path(training_args.output_dir) / "run.lock").unlink(missing_ok=True)
 
 
 def tokenize_documents(tokenizer, texts):
@@ -330,7 +261,7 @@ def collate_with_document_mask(features, dtype):
 
 def main():
     # Arguments: from the command line, or from one .json file given as the only argument.
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = ArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
@@ -346,20 +277,27 @@ def main():
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     logging.getLogger(enable_memory_options.__module__).setLevel(log_level)  # it logs the memory options it enables
+    logging.getLogger(claim_output_dir.__module__).setLevel(log_level)  # it logs how the run starts
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
     logger.warning(
-        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
         f"16-bits training: {training_args.fp16 or training_args.bf16}"
     )
     logger.info(f"Training/evaluation parameters {training_args}")
 
+    data_parallel_size = training_args.world_size
+    check_arguments(model_args, data_args, training_args, data_parallel_size)
+    check_memory_options(training_args, model_args.tiled_mlp_tokens)
     if training_args.do_train:
+        definition = run_definition(model_args, data_args, training_args, data_parallel_size)
+        resumed = None
         if training_args.resume_from_checkpoint is not None:
-            check_checkpoint(training_args.resume_from_checkpoint)
+            resumed = training_args.resume_from_checkpoint, check_checkpoint(
+                training_args.resume_from_checkpoint, definition)
         claim_output_dir(training_args)
 
     set_seed(training_args.seed)
@@ -388,9 +326,9 @@ def main():
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, use_fast=model_args.use_fast_tokenizer, **hub_kwargs)
     if data_args.document_masking and tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"--document_masking ends every document with the tokenizer's end-of-text token, and this "
-            f"{type(tokenizer).__name__} has none: use a tokenizer with an eos_token, or drop --document_masking."
+        raise UserError(
+            f"--document_masking ends every document with the tokenizer's end-of-text token, and the tokenizer "
+            f"{tokenizer_name} has none: use a tokenizer with an eos_token, or drop --document_masking."
         )
 
     if model_args.config_name:
@@ -423,7 +361,10 @@ def main():
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-        logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
+        if training_args.resume_from_checkpoint is None:
+            logger.info(f"Training new model from scratch - Total size={n_params / 1e6:.2f}M params")
+        else:
+            logger.info(f"Built a model of {n_params / 1e6:.2f}M params for the checkpoint's weights")
 
     # The document mask goes to the model as a 4D mask (collate_with_document_mask): only models that take one as it
     # is, with eager or SDPA attention. transformers 4.51's build their mask in _update_causal_mask, which passes a 4D
@@ -433,7 +374,7 @@ def main():
         and (hasattr(model.get_decoder(), "_update_causal_mask") or int(transformers.__version__.split(".")[0]) >= 5
              and getattr(model, "_supports_attention_backend", False))
     ):
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__} with {model.config._attn_implementation} attention cannot take the document "
             "mask: --document_masking needs a model that takes a 4D attention mask as it is (Llama, Mistral, "
             "Qwen2, ...) with eager or sdpa attention."
@@ -453,19 +394,15 @@ def main():
         logger.info(f"Using block_size={block_size}; pass --block_size to change it.")
     else:
         block_size = data_args.block_size
-    if block_size <= 0:
-        raise ValueError(
-            f"--block_size must be positive, got {block_size}: pass a positive --block_size or leave it unset."
-        )
     if max_pos_embeddings is not None and block_size > max_pos_embeddings:
-        raise ValueError(
+        raise UserError(
             f"--block_size {block_size} is larger than the model's max_position_embeddings ({max_pos_embeddings}): "
             "pass a smaller --block_size, or raise max_position_embeddings with --config_overrides."
         )
 
     # Tokenize every text column, then concatenate and cut into blocks of block_size tokens.
     column_names = list(raw_datasets["train" if training_args.do_train else "validation"].features)
-    text_column_name = "text" if "text" in column_names else column_names[0]
+    text_column_name = text_column(raw_datasets, data_args.train_file or data_args.dataset_name)
 
     def tokenize_function(examples):
         if data_args.document_masking:
@@ -502,7 +439,7 @@ def main():
                 range(min(len(dataset), max_samples))
             )
         if not data_args.streaming and len(dataset) == 0:
-            raise ValueError(
+            raise UserError(
                 f"The {split} text is shorter than one block of {block_size} tokens: "
                 "give more text or a smaller --block_size."
             )
@@ -535,15 +472,20 @@ def main():
         else default_data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        # The run's definition, kept in each checkpoint; before the progress bar's callback, which would draw first.
+        callbacks=[RunRecord(definition, resumed)] if training_args.do_train else None,
     )
     # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # also saves the tokenizer
+        with writes_explained(training_args.output_dir):
+            train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            trainer.save_model()  # also saves the tokenizer
 
         metrics = train_result.metrics
+        if resumed is not None:
+            train_loss_of_the_run(metrics, trainer.state, resumed[1]["global_step"])
         max_train_samples = data_args.max_train_samples or len(train_dataset)
         metrics["train_samples"] = min(max_train_samples, len(train_dataset))
         trainer.log_metrics("train", metrics)
@@ -572,22 +514,8 @@ def main():
     else:
         trainer.create_model_card(**kwargs)
 
-    # Join the process groups' threads before the interpreter exits. A gloo worker still alive then can be
-    # releasing its last collective, whose saved state holds Python objects: it must take the GIL, CPython ends it
-    # instead, and the process aborts (SIGABRT, "terminate called without an active exception") after a finished
-    # run. A group's threads are joined when its last reference goes, and that must be a Python group object, which
-    # lets go of the GIL while joining: dropped by the Trainer's DDP reducer or by torch's registry, the join would
-    # hold the GIL that the worker waits for. So: keep the groups, free the Trainer (its reference cycles hold them),
-    # destroy the groups, then let go of them.
-    groups = list(torch.distributed.distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []
-    del trainer
-    gc.collect()
-    if groups:
-        torch.distributed.destroy_process_group()
-    del groups
-    if training_args.do_train:
-        release_output_dir(training_args)
+    release_output_dir()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

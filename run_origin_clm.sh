@@ -1,14 +1,21 @@
 #!/bin/bash
 # The baseline: run_origin_clm.py with DDP on every local GPU, or CPU processes (gloo) when there is none.
 # Edit the arguments below. Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on each node.
+# Paths (OUTPUT_DIR, --train_file, ...) are taken from the folder it is run from. PYTHON is the interpreter of the
+# install, for every call (torchrun too): python3 unless set.
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "$0")" && pwd)
+PYTHON=${PYTHON:-python3}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 
 RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shakespeare; full: the seed's recipe
 OUTPUT_DIR=${OUTPUT_DIR:-output/origin}
 GLOBAL_BATCH=${GLOBAL_BATCH:-8}     # samples per optimizer step, over all processes
 NNODES=${NNODES:-1}
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NNODES=$NNODES is not a number of nodes: set NNODES to 1 or more" >&2
+  exit 1
+fi
 if [ "$NNODES" -eq 1 ]; then
   RENDEZVOUS=(--standalone)           # a free local port, so that several runs can share a machine
 else
@@ -20,7 +27,7 @@ if [ "$RECIPE" = full ]; then
   # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs. Checked at once, rather than
   # after the data loader's retries.
   export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
-  python scripts/check_full_recipe.py
+  "$PYTHON" "$REPO/scripts/check_full_recipe.py"
   PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
   RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
     --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
@@ -31,19 +38,12 @@ else
     --max_eval_samples 64 --save_steps 100)
 fi
 
-# The variables above set the global batch: refuse appended arguments that would change it without a word.
-for arg in "$@"; do
-  case "$arg" in
-    --per_device_train_batch_size|--per_device_train_batch_size=*) variable=PER_DEVICE_BATCH ;;
-    --gradient_accumulation_steps|--gradient_accumulation_steps=*) variable=GLOBAL_BATCH ;;
-    *) continue ;;
-  esac
-  echo "${arg%%=*} is set by $(basename "$0") to keep the global batch at GLOBAL_BATCH: set $variable instead" >&2
+if ! GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())"); then
+  echo "$PYTHON cannot run torch: set PYTHON to the interpreter of your install (PYTHON=.venv/bin/python)" >&2
   exit 1
-done
-
-if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
+fi
+if [ "$GPUS" -gt 0 ]; then
+  NPROC=${NPROC:-$GPUS}
   DEVICE_ARGS=()
 else
   NPROC=${NPROC:-1}
@@ -60,8 +60,10 @@ if [ $(( GRAD_ACC * PER_DEVICE_BATCH * DP_SIZE )) -ne $GLOBAL_BATCH ]; then
   exit 1
 fi
 
-torchrun "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
-  run_origin_clm.py \
+# The scripts check that the arguments give GLOBAL_BATCH samples a step, however they are spelt.
+export GLOBAL_BATCH
+"$PYTHON" "$REPO/scripts/torchrun.py" "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" \
+  "$REPO/run_origin_clm.py" \
   --output_dir "$OUTPUT_DIR" \
   --do_train --do_eval \
   --per_device_train_batch_size $PER_DEVICE_BATCH --per_device_eval_batch_size $PER_DEVICE_BATCH \
