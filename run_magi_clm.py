@@ -335,10 +335,9 @@ class MagiTrainer(Trainer):
             causal=True,
             chunk_size=chunk_size,
         )
-        if key != self.magi_attn_key and hasattr(key, "attn_area_imbalance"):  # a new plan, from magi_portable
+        if key != self.magi_attn_key:
             logger.info(f"CP plan for {batch_size} samples x {seq_len} tokens, {len(cu_seqlens) - 1} causal sequences: "
-                        f"chunks of {chunk_size} tokens over {self.cp_size} ranks, busiest rank's attention area / "
-                        f"mean: {key.attn_area_imbalance:.3f}")
+                        f"chunks of {chunk_size} tokens over {self.cp_size} ranks")
         self.magi_attn_key = key
         # Shift the labels before dispatch, so that each rank holds the targets of its own tokens.
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
