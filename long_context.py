@@ -61,7 +61,8 @@ def enable_memory_options(trainer, tiled_mlp_tokens):
         logger.info("Gradient checkpointing keeps the checkpointed layer inputs in CPU memory.")
         offload_decoder_saved_tensors(decoder)
     if keep_attention_outputs not in (False, 0):
-        num_layers = check_keep_attention_outputs(keep_attention_outputs, args.gradient_checkpointing, checkpoint_kwargs)
+        num_layers = check_keep_attention_outputs(keep_attention_outputs, args.gradient_checkpointing,
+                                                  checkpoint_kwargs)
         layers = "every checkpointed layer" if num_layers == math.inf else f"the first {num_layers} checkpointed layers"
         logger.info(f"Gradient checkpointing keeps the attention outputs of {layers} for the backward"
                     f"{' in CPU memory' if offload else ''}: their recomputation skips the attention kernel.")
@@ -202,7 +203,8 @@ class _KeepKernelOutputs(_KernelOutputsMode):
             # detach(): what is kept must not hold on to this forward's autograd graph.
             self.kept.append((func, [(True, self.pack(t.detach())) if isinstance(t, torch.Tensor) else (False, t)
                                      for t in outputs]))
-            self.bytes_kept[self.layer] += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+            self.bytes_kept[self.layer] += sum(t.numel() * t.element_size()
+                                               for t in outputs if isinstance(t, torch.Tensor))
         return outputs
 
 
@@ -219,7 +221,9 @@ class _ReuseKernelOutputs(_KernelOutputsMode):
             return func(*args, **(kwargs or {}))
         kept_func, outputs = self.kept.pop(0) if self.kept else (None, [])
         if kept_func is not func:
-            raise RuntimeError(f"The recomputation of a checkpointed layer ran {func} where its forward ran {kept_func}.")
+            raise RuntimeError(
+                f"The recomputation of a checkpointed layer ran {func} where its forward ran {kept_func}."
+            )
         return tuple(self.unpack(value) if is_tensor else value for is_tensor, value in outputs)
 
 

@@ -364,11 +364,10 @@ class MagiTrainer(Trainer):
             causal=True,
             chunk_size=chunk_size,
         )
-        # A plan of a new shape, from magi_portable; not one a batch: with --document_masking each batch has its own.
-        if (batch_size, seq_len) != self.logged_plan_shape and hasattr(key, "attn_area_imbalance"):
+        # A plan of a new shape; not one a batch: with --document_masking each batch has its own.
+        if (batch_size, seq_len) != self.logged_plan_shape:
             logger.info(f"CP plan for {batch_size} samples x {seq_len} tokens, {len(cu_seqlens) - 1} causal sequences: "
-                        f"chunks of {chunk_size} tokens over {self.cp_size} ranks, busiest rank's attention area / "
-                        f"mean: {key.attn_area_imbalance:.3f}")
+                        f"chunks of {chunk_size} tokens over {self.cp_size} ranks")
             self.logged_plan_shape = batch_size, seq_len
         self.magi_attn_key = key
         # Shift the labels before dispatch, so that each rank holds the targets of its own tokens.

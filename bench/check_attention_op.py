@@ -34,6 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import magi_portable as magi  # noqa: E402
+from magi_portable.collectives import GatherKV  # noqa: E402
+from magi_portable.kernels import fa4  # noqa: E402
 from long_context import ATTENTION_OPS, KeepAttentionOutputs  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
@@ -47,7 +49,8 @@ def log(message):
 
 def reference_attention(q, k, v, lengths):
     """Causal attention within each document, dense, by autograd ([tokens, heads, d]); returns out and lse."""
-    document = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), torch.tensor(lengths, device=q.device))
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                       torch.tensor(lengths, device=q.device))
     allowed = (document[:, None] == document[None, :]) & torch.ones(len(document), len(document), dtype=torch.bool,
                                                                      device=q.device).tril()
     k, v = (t.repeat_interleave(HEADS_Q // HEADS_KV, dim=1) for t in (k, v))
@@ -78,52 +81,55 @@ def fa4_autograd_global(key):
     autograd function, as calc_attn ran it before its kernels became an operator."""
     from flash_attn.cute import flash_attn_varlen_func
 
-    plan = key.plan
+    layout, num_pad = fa4.layout(key), key.plan.num_local_pad
 
     def attend(q, k, v):
         q, k, v = (magi.dispatch(t, key) for t in (q, k, v))
         if key.cp_size > 1:
-            kv = magi._GatherKV.apply(torch.cat([k, v], dim=1), key.cp_group)
+            kv = GatherKV.apply(torch.cat([k, v], dim=1), key.cp_group)
             k, v = kv.split(HEADS_KV, dim=1)
-        k, v = (t[: plan.num_keys] if plan.key_index is None else t.index_select(0, plan.key_index) for t in (k, v))
-        num_valid = q.shape[0] - plan.num_local_pad
+        k, v = (t[: layout.num_keys] if layout.key_index is None else t.index_select(0, layout.key_index)
+                for t in (k, v))
         out, lse = flash_attn_varlen_func(
-            q[:num_valid], k, v, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
-            max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k, softmax_scale=HEAD_DIM**-0.5,
+            q[: len(q) - num_pad], k, v, cu_seqlens_q=layout.cu_seqlens_q, cu_seqlens_k=layout.cu_seqlens_k,
+            max_seqlen_q=layout.max_seqlen_q, max_seqlen_k=layout.max_seqlen_k, softmax_scale=HEAD_DIM**-0.5,
             causal=True, return_lse=True,
         )
-        out = torch.cat([out, out.new_zeros((plan.num_local_pad, *out.shape[1:]))])
-        lse = torch.cat([lse.T, lse.new_full((plan.num_local_pad, HEADS_Q), -math.inf)])
+        out = torch.cat([out, out.new_zeros((num_pad, *out.shape[1:]))])
+        lse = torch.cat([lse.T, lse.new_full((num_pad, HEADS_Q), -math.inf)])
         return magi.undispatch(out, key), magi.undispatch(lse, key)
 
     return attend
 
 
-def relative_errors(got, want):
-    return [((g - w).norm() / w.norm()).item() if i != 1 else (g - w).abs().max().item()
-            for i, (g, w) in enumerate(zip(got, want))]
+def errors(got, want, names):
+    """Relative error of each tensor (the norm of the difference over the reference's); lse: the largest difference."""
+    return [(g - w).abs().max().item() if name == "lse" else ((g - w).norm() / w.norm()).item()
+            for name, g, w in zip(names, got, want)]
 
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
 def check_against_references(kernel, case, key, inputs, grad_out, grad_lse, lengths):
-    reference = global_outputs(lambda q, k, v: reference_attention(q, k, v, lengths), [t.float() for t in inputs],
-                               grad_out, grad_lse)
-    bf16 = global_outputs(lambda q, k, v: reference_attention(q, k, v, lengths), inputs, grad_out, grad_lse)
+    def reference(q, k, v):
+        return reference_attention(q, k, v, lengths)
+
+    float32 = global_outputs(reference, [t.float() for t in inputs], grad_out, grad_lse)
+    bf16_errors = errors(global_outputs(reference, inputs, grad_out, grad_lse), float32, NAMES)
     got = global_outputs(calc_attn_global(key), inputs, grad_out, grad_lse)
-    errors, bf16_errors = relative_errors(got, reference), relative_errors(bf16, reference)
-    bounds = [max(2 * e, 1e-2) if i != 1 else 1e-3 for i, e in enumerate(bf16_errors)]
-    report = ", ".join(f"{n} {e:.1e} (bf16 {b:.1e})" for n, e, b in zip(NAMES, errors, bf16_errors))
-    ok = all(e <= b for e, b in zip(errors, bounds))
+    got_errors = errors(got, float32, NAMES)
+    bounds = [1e-3 if name == "lse" else max(2 * e, 1e-2) for name, e in zip(NAMES, bf16_errors)]
+    ok = all(e <= b for e, b in zip(got_errors, bounds))
+    report = ", ".join(f"{n} {e:.1e} (bf16 {b:.1e})" for n, e, b in zip(NAMES, got_errors, bf16_errors))
     log(f"{'ok  ' if ok else 'FAIL'} {kernel:5s} {case}, CP {key.cp_size}: against float32 autograd: {report}")
     if kernel == "fa4":
-        fa4 = global_outputs(fa4_autograd_global(key), inputs, grad_out, grad_lse)
-        same_forward = torch.equal(got[0], fa4[0]) and torch.equal(got[1], fa4[1])
-        grad_errors = relative_errors(got[2:], fa4[2:])
+        fa4_outputs = global_outputs(fa4_autograd_global(key), inputs, grad_out, grad_lse)
+        same_forward = torch.equal(got[0], fa4_outputs[0]) and torch.equal(got[1], fa4_outputs[1])
+        grad_errors = errors(got[2:], fa4_outputs[2:], NAMES[2:])
         fa4_ok = same_forward and all(e <= 1e-3 for e in grad_errors)
-        log(f"{'ok  ' if fa4_ok else 'FAIL'} fa4   {case}, CP {key.cp_size}: against flash_attn_varlen_func's autograd: "
-            f"out and lse {'identical' if same_forward else 'DIFFERENT'}, "
+        log(f"{'ok  ' if fa4_ok else 'FAIL'} fa4   {case}, CP {key.cp_size}: against flash_attn_varlen_func's "
+            f"autograd: out and lse {'identical' if same_forward else 'DIFFERENT'}, "
             + ", ".join(f"{n} {e:.1e}" for n, e in zip(NAMES[2:], grad_errors)))
         ok = ok and fa4_ok
     return ok
@@ -166,7 +172,8 @@ def check_kept_outputs(kernel, case, key, x, weights):
         lines.append(f"{name}: {kept_runs} runs of attention operators (without: {runs}), gradients "
                      f"{'identical' if same else 'DIFFERENT'}")
     note = " (flex: its outputs cannot be kept)" if kernel == "flex" else ""
-    log(f"{'ok  ' if ok else 'FAIL'} {kernel:5s} {case}, CP {key.cp_size}: checkpointed layer{note}: " + "; ".join(lines))
+    log(f"{'ok  ' if ok else 'FAIL'} {kernel:5s} {case}, CP {key.cp_size}: checkpointed layer{note}: "
+        + "; ".join(lines))
     return ok
 
 

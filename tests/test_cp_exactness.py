@@ -109,6 +109,7 @@ def test_cp_run_with_the_memory_options_matches_the_baseline(baseline, tmp_path)
                '{"offload": true, "keep_attention_outputs": 1}', "--tiled_mlp_tokens", "37"]
     cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=2, cp_size=2, extra=[*options, *DOCUMENT_ARGS])
     assert "keeps the checkpointed layer inputs in CPU memory" in cp_run["log"]
-    assert "keeps the attention outputs of the first 1 checkpointed layers for the backward in CPU memory" in cp_run["log"]
+    assert ("keeps the attention outputs of the first 1 checkpointed layers for the backward in CPU memory"
+            in cp_run["log"])
     assert "MLP runs over tiles of 37 tokens" in cp_run["log"]
     assert_same_training(cp_run, baseline(1, True))

@@ -97,11 +97,12 @@ def balance(tokenizer, cut):
         cu_seqlens = torch.nn.functional.pad((positions == 0).nonzero().flatten(), (0, 1), value=len(positions))
         chunk_size = magi_portable.default_chunk_size(len(positions), BALANCE_CP_SIZE)
         padded = len(positions) + magi_portable.compute_pad_size(len(positions), BALANCE_CP_SIZE, chunk_size)
-        _, rank_areas = magi_portable.assign_chunks(cu_seqlens.tolist(), True, chunk_size, BALANCE_CP_SIZE, padded)
-        planned.append(magi_portable.area_imbalance(rank_areas))
+        _, rank_areas = magi_portable.planning.assign_chunks(cu_seqlens.tolist(), True, chunk_size, BALANCE_CP_SIZE,
+                                                             padded)
+        planned.append(magi_portable.planning.area_imbalance(rank_areas))
         # A token at position p attends to p + 1 keys.
         slice_areas = (positions + 1).view(BALANCE_CP_SIZE, -1).sum(dim=1)
-        contiguous.append(magi_portable.area_imbalance(tuple(slice_areas.tolist())))
+        contiguous.append(magi_portable.planning.area_imbalance(tuple(slice_areas.tolist())))
     return planned, contiguous
 
 

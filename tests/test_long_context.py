@@ -77,7 +77,8 @@ def saved_on_cpu(monkeypatch):
 def test_offloading_the_checkpointed_layer_inputs_trains_alike(tmp_path, saved_on_cpu):
     reference = train(tmp_path / "reference", gradient_checkpointing=True)
     assert saved_on_cpu == []
-    offloaded = train(tmp_path / "offload", gradient_checkpointing=True, gradient_checkpointing_kwargs={"offload": True})
+    offloaded = train(tmp_path / "offload", gradient_checkpointing=True,
+                      gradient_checkpointing_kwargs={"offload": True})
     # Every layer's input went through the offload, every step; nothing of the size of the MLP's activations did.
     assert saved_on_cpu.count((BATCH, TOKENS, HIDDEN)) >= LAYERS * 3
     assert max(s[-1] for s in saved_on_cpu if len(s) == 3) == HIDDEN
