@@ -34,9 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, recursively_apply
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, recursively_apply
 from datasets import load_dataset
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from einops import rearrange
 from transformers import (
     CONFIG_MAPPING,
@@ -57,6 +58,7 @@ from embedded_default import prepare_default_corpus, small_llama_config
 from long_context import enable_memory_options
 from magi_utils import (
     attention_heads,
+    check_fsdp,
     check_model_takes_magi_attention,
     check_supported_versions,
     cp_device_mesh,
@@ -242,7 +244,9 @@ class AllReduceSum(torch.autograd.Function):
 
 
 class MagiAccelerator(Accelerator):
-    """Ranks r * cp_size ... (r + 1) * cp_size - 1 form one CP group: one data-parallel replica."""
+    """Ranks r * cp_size ... (r + 1) * cp_size - 1 form one CP group: one data-parallel replica. Under FSDP2 the model
+    state is sharded over all processes, the ranks of a CP group included (they hold the same weights): fully_shard's
+    default mesh, all processes in one dimension, is the (dp, cp) mesh flattened."""
 
     def __init__(self, *args, cp_size, **kwargs):
         super().__init__(*args, **kwargs)
@@ -371,7 +375,8 @@ class MagiTrainer(Trainer):
             loss *= self.accelerator.num_processes // self.cp_size  # the baseline multiplies by its world size
         # Sum over the CP group: every rank reports the baseline's loss, and since the backward of this all-reduce
         # sums the CP group's gradients (cp_size x this rank's), DDP's average over dp x cp ranks gives the
-        # baseline's gradient: the Trainer's training_step needs no change.
+        # baseline's gradient: the Trainer's training_step needs no change. FSDP2's reduce-scatter averages over all
+        # processes as well (MagiAccelerator).
         loss = AllReduceSum.apply(loss, self.accelerator.cp_group)
         return (loss, outputs) if return_outputs else loss
 
@@ -539,6 +544,7 @@ def main():
         )
     if data_args.streaming and magi_args.cp_size > 1:
         raise ValueError("--streaming is not supported with --cp_size > 1: drop --streaming (map-style datasets only).")
+    check_fsdp(training_args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -733,12 +739,25 @@ def main():
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
+    if training_args.fsdp and trainer.accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            "--fsdp: accelerate runs FSDP on GPUs only, and would train these CPU processes with DDP instead, the "
+            "whole model state on each: drop --fsdp here (FSDP=1 for the launchers), or run on GPUs."
+        )
     # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # also saves the tokenizer
+        if trainer.is_fsdp_enabled and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+            # save_model leaves FSDP's sharded weights to the checkpoints (the only kind accelerate 1.6's FSDP2 takes).
+            # The final model is saved whole, as without FSDP: gathered a tensor at a time into rank 0's CPU memory.
+            state_dict = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+            if training_args.should_save:
+                trainer._save(training_args.output_dir, state_dict=state_dict)  # as save_model: with the tokenizer
+        else:
+            trainer.save_model()  # also saves the tokenizer
 
         metrics = train_result.metrics
         max_train_samples = data_args.max_train_samples or len(train_dataset)

@@ -27,8 +27,10 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from accelerate.utils import DistributedType
 from datasets import load_dataset
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -536,12 +538,25 @@ def main():
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
+    if training_args.fsdp and trainer.accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            "--fsdp: accelerate runs FSDP on GPUs only, and would train these CPU processes with DDP instead, the "
+            "whole model state on each: drop --fsdp here (FSDP=1 for the launchers), or run on GPUs."
+        )
     # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # also saves the tokenizer
+        if trainer.is_fsdp_enabled and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+            # save_model leaves FSDP's sharded weights to the checkpoints (the only kind accelerate 1.6's FSDP2 takes).
+            # The final model is saved whole, as without FSDP: gathered a tensor at a time into rank 0's CPU memory.
+            state_dict = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+            if training_args.should_save:
+                trainer._save(training_args.output_dir, state_dict=state_dict)  # as save_model: with the tokenizer
+        else:
+            trainer.save_model()  # also saves the tokenizer
 
         metrics = train_result.metrics
         max_train_samples = data_args.max_train_samples or len(train_dataset)
