@@ -19,11 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from datasets import Value
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import HfArgumentParser, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
@@ -517,3 +519,24 @@ def train_loss_of_the_run(metrics, state, resumed_step):
         total += losses[step] * (step - previous)
         previous = step
     metrics["train_loss"] = total / state.global_step
+
+
+def check_fsdp_took_effect(trainer):
+    """accelerate runs FSDP on GPUs only: on CPU processes it would train with DDP instead, without a word."""
+    if trainer.args.fsdp and trainer.accelerator.distributed_type != DistributedType.FSDP:
+        raise UserError(
+            "--fsdp: accelerate runs FSDP on GPUs only, and would train these CPU processes with DDP instead, the "
+            "whole model state on each: drop --fsdp here (FSDP=1 for the launchers), or run on GPUs."
+        )
+
+
+def save_model(trainer):
+    """trainer.save_model(), which under FSDP with sharded state dicts (the only kind accelerate 1.6's FSDP2 takes)
+    leaves the weights to the checkpoints: the final model is saved whole, as without FSDP, gathered a tensor at a
+    time into rank 0's CPU memory."""
+    if not (trainer.is_fsdp_enabled and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type)):
+        trainer.save_model()
+        return
+    state_dict = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.args.should_save:
+        trainer._save(trainer.args.output_dir, state_dict=state_dict)  # what save_model calls: the tokenizer too

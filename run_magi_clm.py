@@ -49,6 +49,7 @@ from embedded_default import prepare_default_corpus, small_llama_config
 from long_context import check_memory_options, enable_memory_options
 from magi_utils import (
     attention_heads,
+    check_fsdp,
     check_model_takes_magi_attention,
     check_supported_versions,
     cp_device_mesh,
@@ -63,11 +64,13 @@ from run_guards import (
     check_arguments,
     check_checkpoint,
     check_data_files,
+    check_fsdp_took_effect,
     check_validation_split,
     claim_output_dir,
     release_output_dir,
     run_definition,
     run_main,
+    save_model,
     text_column,
     train_loss_of_the_run,
     writes_explained,
@@ -255,7 +258,9 @@ class AllReduceSum(torch.autograd.Function):
 
 
 class MagiAccelerator(Accelerator):
-    """Ranks r * cp_size ... (r + 1) * cp_size - 1 form one CP group: one data-parallel replica."""
+    """Ranks r * cp_size ... (r + 1) * cp_size - 1 form one CP group: one data-parallel replica. Under FSDP2 the model
+    state is sharded over all processes, the ranks of a CP group included (they hold the same weights): fully_shard's
+    default mesh, all processes in one dimension, is the (dp, cp) mesh flattened."""
 
     def __init__(self, *args, cp_size, **kwargs):
         super().__init__(*args, **kwargs)
@@ -401,7 +406,8 @@ class MagiTrainer(Trainer):
             loss *= self.accelerator.num_processes // self.cp_size  # the baseline multiplies by its world size
         # Sum over the CP group: every rank reports the baseline's loss, and since the backward of this all-reduce
         # sums the CP group's gradients (cp_size x this rank's), DDP's average over dp x cp ranks gives the
-        # baseline's gradient: the Trainer's training_step needs no change.
+        # baseline's gradient: the Trainer's training_step needs no change. FSDP2's reduce-scatter averages over all
+        # processes as well (MagiAccelerator).
         loss = AllReduceSum.apply(loss, self.accelerator.cp_group)
         return (loss, outputs) if return_outputs else loss
 
@@ -487,6 +493,7 @@ def main():
         )
     if data_args.streaming and magi_args.cp_size > 1:
         raise UserError("--streaming is not supported with --cp_size > 1: drop --streaming (map-style datasets only).")
+    check_fsdp(training_args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -689,13 +696,14 @@ def main():
         # The run's definition, kept in each checkpoint; before the progress bar's callback, which would draw first.
         callbacks=[RunRecord(definition, resumed)] if training_args.do_train else None,
     )
+    check_fsdp_took_effect(trainer)
     # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
         with writes_explained(training_args.output_dir):
             train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-            trainer.save_model()  # also saves the tokenizer
+            save_model(trainer)  # also saves the tokenizer
 
         metrics = train_result.metrics
         if resumed is not None:

@@ -10,6 +10,7 @@ PYTHON=${PYTHON:-python3}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 
 RECIPE=${RECIPE:-default}           # default: the embedded small Llama on Shakespeare; full: the seed's recipe
+MODEL=${MODEL:-meta-llama/Llama-3.2-1B}  # RECIPE=full's model, e.g. meta-llama/Llama-3.1-8B (with FSDP=1)
 CP_SIZE=${CP_SIZE:-2}               # ranks that share one sequence
 OUTPUT_DIR=${OUTPUT_DIR:-output/magi_cp$CP_SIZE}
 GLOBAL_BATCH=${GLOBAL_BATCH:-8}     # samples per optimizer step, as in run_origin_clm.sh
@@ -26,18 +27,32 @@ else
 fi
 
 if [ "$RECIPE" = full ]; then
-  # Llama-3.2-1B continued on OpenWebText at 8192 tokens: needs the Hub and GPUs. Checked at once, rather than
-  # after the data loader's retries.
+  # MODEL continued on OpenWebText at 8192 tokens: needs the Hub and GPUs. Checked at once, rather than after the
+  # data loader's retries.
   export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0
-  "$PYTHON" "$REPO/scripts/check_full_recipe.py"
+  "$PYTHON" "$REPO/scripts/check_full_recipe.py" "$MODEL"
   PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
-  RECIPE_ARGS=(--model_name_or_path meta-llama/Llama-3.2-1B --dataset_name Skylion007/openwebtext
+  RECIPE_ARGS=(--model_name_or_path "$MODEL" --dataset_name Skylion007/openwebtext
     --trust_remote_code --block_size 8192 --bf16 --max_steps 2000 --learning_rate 1e-5
     --validation_split_percentage 1 --preprocessing_num_workers 32 --save_steps 500)
 else
   PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
   RECIPE_ARGS=(--block_size 256 --max_steps ${MAX_STEPS:-300} --learning_rate 2e-3 --warmup_steps 20
     --max_eval_samples 64 --save_steps 100)
+fi
+
+# FSDP=1: FSDP2 shards the parameters, gradients and optimizer state over all processes, and the checkpoints;
+# OFFLOAD=1 with it keeps them in CPU memory, where the optimizer steps (docs/bigger_models.md). transformers 4.51
+# hands fsdp_config's version and state dict type to no one: accelerate reads them from the environment.
+FSDP_ARGS=()
+if [ "${FSDP:-0}" = 1 ]; then
+  export FSDP_VERSION=2 FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT
+  FSDP_OPTIONS="full_shard auto_wrap"
+  if [ "${OFFLOAD:-0}" = 1 ]; then FSDP_OPTIONS+=" offload"; fi
+  FSDP_ARGS=(--fsdp "$FSDP_OPTIONS" --fsdp_config '{"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}')
+elif [ "${OFFLOAD:-0}" = 1 ]; then
+  echo "OFFLOAD=1 keeps FSDP's shards in CPU memory: set FSDP=1 too" >&2
+  exit 1
 fi
 
 # Checked before the arithmetic below, where 0 would stop bash with a bare "division by 0".
@@ -84,4 +99,4 @@ export GLOBAL_BATCH
   --logging_steps 1 --eval_strategy no --save_strategy steps --save_total_limit 2 \
   --seed 42 --report_to none --ddp_find_unused_parameters False \
   --average_tokens_across_devices True \
-  "${RECIPE_ARGS[@]}" "${DEVICE_ARGS[@]}" "$@"
+  "${RECIPE_ARGS[@]}" "${FSDP_ARGS[@]}" "${DEVICE_ARGS[@]}" "$@"

@@ -44,11 +44,13 @@ from run_guards import (
     check_arguments,
     check_checkpoint,
     check_data_files,
+    check_fsdp_took_effect,
     check_validation_split,
     claim_output_dir,
     release_output_dir,
     run_definition,
     run_main,
+    save_model,
     text_column,
     train_loss_of_the_run,
     writes_explained,
@@ -475,13 +477,14 @@ def main():
         # The run's definition, kept in each checkpoint; before the progress bar's callback, which would draw first.
         callbacks=[RunRecord(definition, resumed)] if training_args.do_train else None,
     )
+    check_fsdp_took_effect(trainer)
     # Checkpointed layer inputs in CPU memory, MLP in tiles: options that save activation memory (long_context.py).
     enable_memory_options(trainer, model_args.tiled_mlp_tokens)
 
     if training_args.do_train:
         with writes_explained(training_args.output_dir):
             train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-            trainer.save_model()  # also saves the tokenizer
+            save_model(trainer)  # also saves the tokenizer
 
         metrics = train_result.metrics
         if resumed is not None:

@@ -22,9 +22,9 @@ COMMON_ARGS = ["--block_size", "100", "--max_eval_samples", "12", "--save_strate
 DOCUMENT_ARGS = ["--document_masking", "--text_sample_by", "paragraph"]
 
 
-def launch(script, output_dir, nproc, cp_size=None, extra=()):
+def launch(script, output_dir, nproc, cp_size=None, extra=(), env=None):
     env = {**os.environ, "OUTPUT_DIR": str(output_dir), "MAX_STEPS": str(STEPS), "NPROC": str(nproc),
-           "GLOBAL_BATCH": str(GLOBAL_BATCH), "PER_DEVICE_BATCH": "2", "OMP_NUM_THREADS": "1"}
+           "GLOBAL_BATCH": str(GLOBAL_BATCH), "PER_DEVICE_BATCH": "2", "OMP_NUM_THREADS": "1", **(env or {})}
     if cp_size is not None:
         env["CP_SIZE"] = str(cp_size)
     result = subprocess.run(
@@ -46,22 +46,6 @@ def launch(script, output_dir, nproc, cp_size=None, extra=()):
 def run_args(data_parallel, document_masking):
     return (["--average_tokens_across_devices", "True"] if data_parallel > 1 else []) + \
         (DOCUMENT_ARGS if document_masking else [])
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """The baseline run of a data-parallel size, with or without document masking; each launched once, when needed."""
-    tmp, runs = tmp_path_factory.mktemp("baseline"), {}
-
-    def run(data_parallel, document_masking):
-        if (data_parallel, document_masking) not in runs:
-            runs[data_parallel, document_masking] = launch(
-                "run_origin_clm.sh", tmp / f"dp{data_parallel}-{document_masking}", nproc=data_parallel,
-                extra=run_args(data_parallel, document_masking),
-            )
-        return runs[data_parallel, document_masking]
-
-    return run
 
 
 def assert_same_training(cp_run, baseline):

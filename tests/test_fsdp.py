@@ -1,0 +1,207 @@
+"""FSDP2 with context parallelism trains exactly like the baseline, with the model state sharded over every process:
+real multi-process CPU runs (gloo, float32) of both launchers with FSDP=1, against the baseline under FSDP2 and
+under DDP, to test_cp_exactness.py's tolerances; sharded checkpoints resumed at another CP size.
+
+accelerate runs FSDP on GPUs only. These runs let it take its FSDP path on CPU processes too (tests/fsdp_on_cpu, on
+PYTHONPATH), which also records how much of the parameters, gradients and optimizer state each rank holds; without
+that, the scripts refuse FSDP on CPU, which is tested on both stacks with the other refusals. The runs take minutes:
+CI runs them once, on the current stack. (On the pinned stack they pass too, but for the resume, which accelerate
+1.6 would do without the optimizer's moments and run_magi_clm.py refuses.)
+"""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import accelerate
+import huggingface_hub
+import pytest
+import torch
+import transformers
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from packaging import version
+from safetensors.torch import save_file
+
+import embedded_default
+import magi_utils
+from test_cp_exactness import GLOBAL_BATCH, assert_same_training, launch, run_args
+from test_reliability import assert_every_rank_ends_on, run_ranks
+
+REPO = Path(__file__).resolve().parent.parent
+SAVE_STEPS = 5
+MEMORY_OPTIONS = ["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"offload": true}',
+                  "--tiled_mlp_tokens", "37"]
+fsdp_runs = pytest.mark.skipif(version.parse(transformers.__version__).major < 5,
+                               reason="CI runs the FSDP2 runs once, on the current stack")
+
+
+def launch_fsdp(script, output_dir, nproc, cp_size=None, extra=(), offload=False):
+    """A launcher run with FSDP=1 on CPU processes, and each rank's record of the model state it held."""
+    probe = output_dir.parent / f"{output_dir.name}_probe"
+    probe.mkdir(parents=True)
+    run = launch(script, output_dir, nproc, cp_size, extra, env={
+        "FSDP": "1", "OFFLOAD": "1" if offload else "0", "PYTHONPATH": str(REPO / "tests" / "fsdp_on_cpu"),
+        "FSDP_PROBE_DIR": str(probe)})
+    run["model_state"] = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return run
+
+
+def assert_sharded_over_every_process(run, offload=False):
+    """Every parameter is split along its first dimension over one mesh of all processes (dp x cp flattened, not
+    HSDP's replicas of shards), and so are its gradient and AdamW state: each element is held by one process."""
+    records = run["model_state"]
+    world_size = len(records)
+    for record in records:
+        assert record["world_size"] == world_size
+        assert record["meshes"] == [f"{list(range(world_size))} (Shard(dim=0),)"]
+        assert record["offload_policies"] == ["CPUOffloadPolicy" if offload else "OffloadPolicy"]
+    for name, per_parameter in (("parameters", 1), ("gradients", 1), ("optimizer_state", 2)):  # AdamW: 2 moments
+        held = [record[name][0] for record in records]
+        total = records[0]["parameters"][1] * per_parameter
+        assert sum(held) == total, name
+        assert max(held) <= total / world_size * 1.05, (name, held)
+
+
+@pytest.fixture(scope="module")
+def fsdp_baseline(tmp_path_factory):
+    """run_origin_clm.sh under FSDP2, one process. (The baselines under DDP are conftest.py's, shared with
+    test_cp_exactness.py.)"""
+    return launch_fsdp("run_origin_clm.sh", tmp_path_factory.mktemp("fsdp_baseline") / "run", nproc=1)
+
+
+@pytest.fixture(scope="module")
+def cp2_run(tmp_path_factory):
+    """CP 2 under FSDP2, saving sharded checkpoints every SAVE_STEPS steps."""
+    output_dir = tmp_path_factory.mktemp("cp2") / "run"
+    return output_dir, launch_fsdp("run_magi_clm.sh", output_dir, nproc=2, cp_size=2,
+                                   extra=["--save_strategy", "steps", "--save_steps", str(SAVE_STEPS)])
+
+
+@fsdp_runs
+def test_cp2_under_fsdp_matches_the_baselines_and_saves_sharded_checkpoints(cp2_run, baseline, fsdp_baseline):
+    output_dir, run = cp2_run
+    assert_sharded_over_every_process(run)
+    for reference in (baseline(1, False), fsdp_baseline):
+        assert_same_training(run, reference)
+    # The baseline under FSDP2 is sharded too, over its one process, and trains as under DDP.
+    assert_sharded_over_every_process(fsdp_baseline)
+    assert_same_training(fsdp_baseline, baseline(1, False))
+    # The checkpoints are FSDP's, sharded: a torch.distributed.checkpoint folder for the weights and one for the
+    # optimizer state, each with a file per process; the final model is saved whole.
+    checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (checkpoint / folder).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "model.safetensors").exists()
+    assert (output_dir / "model.safetensors").exists()
+
+
+@fsdp_runs
+def test_cp2_x_dp2_under_fsdp_with_document_masking_matches_the_baseline(baseline, tmp_path):
+    # Against the baseline under DDP only, which the CP 2 test shows the one under FSDP2 to equal: one run less.
+    run = launch_fsdp("run_magi_clm.sh", tmp_path / "run", nproc=4, cp_size=2, extra=run_args(2, True))
+    assert f"Global batch: {GLOBAL_BATCH} samples a step" in run["log"]
+    assert_sharded_over_every_process(run)
+    assert_same_training(run, baseline(2, True))
+
+
+@fsdp_runs
+def test_sharded_checkpoint_resumes_at_cp3_with_offload_and_the_memory_options(cp2_run, baseline, fsdp_baseline,
+                                                                               tmp_path):
+    """The CP 2 run's checkpoint at step 5, resumed by 3 processes at CP 3 (torch.distributed.checkpoint reshards the
+    weights and the optimizer state), with FSDP2's parameter and optimizer offload and the memory options: steps 6
+    to 10 and the final weights as the baselines'."""
+    output_dir, _ = cp2_run
+    checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
+    run = launch_fsdp("run_magi_clm.sh", tmp_path / "run", nproc=3, cp_size=3, offload=True,
+                      extra=["--resume_from_checkpoint", str(checkpoint), *MEMORY_OPTIONS])
+    assert f"Starting a new run in {tmp_path / 'run'} from {checkpoint}." in run["log"]
+    assert "Context parallelism over 3 ranks" in run["log"]
+    assert "keeps the checkpointed layer inputs in CPU memory" in run["log"]
+    assert "MLP runs over tiles of 37 tokens" in run["log"]
+    assert_sharded_over_every_process(run, offload=True)
+    for reference in (baseline(1, False), fsdp_baseline):
+        # transformers 5's speed metrics count the steps this run trained, 4.51's all: not compared.
+        assert_same_training({**run, "train": reference["train"]}, reference)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A short text, a checkpoint folder as the Trainer writes it without FSDP (whole weights and optimizer state),
+    and one as it writes it under FSDP2 (its folders: what the scripts' checks look at)."""
+    text = tmp_path_factory.mktemp("text") / "small.txt"
+    text.write_text(Path(embedded_default.prepare_default_corpus()[0]).read_text()[:20000])
+    ddp, fsdp = tmp_path_factory.mktemp("ddp") / "checkpoint-5", tmp_path_factory.mktemp("fsdp") / "checkpoint-5"
+    ddp.mkdir()
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, ddp / "model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, ddp / "optimizer.pt")
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (fsdp / folder).mkdir(parents=True)
+    return {"{text}": str(text), "{ddp_checkpoint}": str(ddp), "{fsdp_checkpoint}": str(fsdp)}
+
+
+FSDP_ARGS = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"fsdp_version": 2}']
+REFUSALS = [
+    pytest.param(
+        FSDP_ARGS, {"FSDP_VERSION": "2"},
+        "ValueError: --fsdp: accelerate runs FSDP on GPUs only, and would train these CPU processes with DDP instead, "
+        "the whole model state on each: drop --fsdp here (FSDP=1 for the launchers), or run on GPUs.",
+        id="FSDP on CPU processes"),
+    pytest.param(
+        ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"fsdp_version": 1}'], {"FSDP_VERSION": "1"},
+        "ValueError: FSDP1 is not supported with context parallelism: run_magi_clm.py is written and tested for FSDP2 "
+        "(FSDP1 is deprecated in transformers 5). Pass --fsdp_config '{\"fsdp_version\": 2, ...}', and on transformers "
+        "4.51, which does not hand that to accelerate, set FSDP_VERSION=2 too (the launchers' FSDP=1 does both).",
+        id="FSDP1"),
+    pytest.param(
+        FSDP_ARGS + ["--resume_from_checkpoint", "{ddp_checkpoint}"], {"FSDP_VERSION": "2"},
+        "ValueError: {ddp_checkpoint} was saved without FSDP, and an FSDP run resumes only from a checkpoint saved "
+        "under FSDP: resume it without --fsdp, or start a new FSDP run from its weights with --model_name_or_path "
+        "{ddp_checkpoint} (the optimizer state and the step count start anew).",
+        id="checkpoint saved without FSDP"),
+    pytest.param(
+        FSDP_ARGS + ["--resume_from_checkpoint", "{fsdp_checkpoint}"], {"FSDP_VERSION": "2"},
+        f"ValueError: accelerate {accelerate.__version__} would resume {{fsdp_checkpoint}} without AdamW's moments (it "
+        "restores FSDP2's optimizer state into an optimizer that has none yet): FSDP runs resume exactly on the "
+        "current stack (pip install -r requirements-current.txt), from checkpoints saved there.",
+        id="FSDP2 resume on accelerate 1.6-1.9",
+        marks=pytest.mark.skipif(magi_utils.ACCELERATE_RESUMES_FSDP2_OPTIMIZER, reason="this accelerate resumes it")),
+]
+
+
+@pytest.mark.parametrize("extra, env, message", REFUSALS)
+def test_fsdp_that_cannot_run_is_refused_before_training(inputs, tmp_path, extra, env, message):
+    def filled_in(text):
+        for name, path in inputs.items():
+            text = text.replace(name, path)
+        return text
+
+    args = ["--output_dir", str(tmp_path / "out"), "--do_train", "--max_steps", "1", "--block_size", "64",
+            "--train_file", "{text}", "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"]
+    results = run_ranks([filled_in(a) for a in args + extra], world_size=1, env=env)
+    assert_every_rank_ends_on(results, filled_in(message))
+
+
+NO_RESPONSE = SimpleNamespace(headers={}, request=None)  # what the Hub's errors read of the HTTP response
+
+
+@pytest.mark.parametrize("error, message", [
+    (GatedRepoError("gated", response=NO_RESPONSE), "RECIPE=full needs access to the gated meta-llama/Llama-3.1-8B: "
+     "accept its license on huggingface.co, then log in with huggingface-cli login (or set HF_TOKEN)"),
+    (RepositoryNotFoundError("missing", response=NO_RESPONSE), "MODEL=meta-llama/Llama-3.1-8B is no model on the "
+     "Hugging Face Hub that this login can see: check the name (or log in with huggingface-cli login)"),
+    (OSError("offline"), "RECIPE=full needs the Hugging Face Hub, which this machine cannot reach (OSError): use "
+     "RECIPE=default here"),
+], ids=["gated", "missing", "offline"])
+def test_full_recipe_check_names_the_model_it_is_given(monkeypatch, error, message):
+    # As on a machine with GPUs: the launchers' test of a machine without (test_reliability.py) stops before the Hub.
+    def auth_check(model):
+        raise error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "auth_check", auth_check)
+    monkeypatch.setattr(sys, "argv", ["check_full_recipe.py", "meta-llama/Llama-3.1-8B"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "scripts" / "check_full_recipe.py"))
+    assert exit_.value.code == message
