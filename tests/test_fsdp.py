@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 import embedded_default
 import magi_utils
 from test_cp_exactness import GLOBAL_BATCH, assert_same_training, launch, run_args
-from test_reliability import assert_every_rank_ends_on, run_ranks
+from run_guards import USER_ERROR_EXIT
+from runs import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 SAVE_STEPS = 5
@@ -180,7 +181,10 @@ def test_fsdp_that_cannot_run_is_refused_before_training(inputs, tmp_path, extra
     args = ["--output_dir", str(tmp_path / "out"), "--do_train", "--max_steps", "1", "--block_size", "64",
             "--train_file", "{text}", "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"]
     results = run_ranks([filled_in(a) for a in args + extra], world_size=1, env=env)
-    assert_every_rank_ends_on(results, filled_in(message))
+    for output, returncode in results:
+        assert returncode == USER_ERROR_EXIT, output[-3000:]
+        assert output.strip().splitlines()[-1] == f"run_magi_clm.py: error: {filled_in(message)}", output[-3000:]
+        assert "Running training" not in output
 
 
 NO_RESPONSE = SimpleNamespace(headers={}, request=None)  # what the Hub's errors read of the HTTP response
@@ -195,7 +199,7 @@ NO_RESPONSE = SimpleNamespace(headers={}, request=None)  # what the Hub's errors
      "RECIPE=default here"),
 ], ids=["gated", "missing", "offline"])
 def test_full_recipe_check_names_the_model_it_is_given(monkeypatch, error, message):
-    # As on a machine with GPUs: the launchers' test of a machine without (test_reliability.py) stops before the Hub.
+    # As on a machine with GPUs: the launchers' test of a machine without (test_launchers.py) stops before the Hub.
     def auth_check(model):
         raise error
 

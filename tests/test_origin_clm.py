@@ -55,7 +55,7 @@ def test_data_file_extension_is_checked():
 
 
 def test_a_binary_data_file_is_named_before_loading(tmp_path):
-    # The same check as the UTF-16 row of test_reliability.py's BAD_INPUTS, without starting ranks.
+    # The same check as the UTF-16 row of tests/bad_inputs.py's BAD_INPUTS, without starting ranks.
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(256)) * 100)
     with pytest.raises(ValueError) as error:
