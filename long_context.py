@@ -21,7 +21,7 @@ import logging
 import math
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode  # torch's own selective checkpointing is built on it
+from torch.utils._python_dispatch import TorchDispatchMode  # no public module has it; torch's own SAC uses it
 from transformers import TrainerCallback
 
 from run_guards import UserError
