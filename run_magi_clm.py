@@ -519,14 +519,16 @@ def main():
     logger.info(f"Training/evaluation parameters {training_args}")
 
     data_parallel_size = training_args.world_size // magi_args.cp_size
+    # Before any work, on every rank: the arguments, the checkpoint to resume from, the output folder.
     check_arguments(model_args, data_args, training_args, data_parallel_size)
     check_memory_options(training_args, model_args.tiled_mlp_tokens)
     if training_args.do_train:
+        # What defines this run: kept in its checkpoints, and the same in a resume.
         definition = run_definition(model_args, data_args, training_args, data_parallel_size)
-        resumed = None
+        resumed = None  # (checkpoint, its trainer state)
         if training_args.resume_from_checkpoint is not None:
-            resumed = training_args.resume_from_checkpoint, check_checkpoint(
-                training_args.resume_from_checkpoint, definition)
+            checkpoint_state = check_checkpoint(training_args.resume_from_checkpoint, definition)
+            resumed = training_args.resume_from_checkpoint, checkpoint_state
         claim_output_dir(training_args)
 
     set_seed(training_args.seed)
