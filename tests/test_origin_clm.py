@@ -10,6 +10,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 import embedded_default
+from run_guards import USER_ERROR_EXIT
 from run_origin_clm import DataTrainingArguments, ModelArguments, group_texts, load_raw_datasets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,8 +139,8 @@ def test_document_masking_refuses_a_model_that_cannot_take_the_document_mask(tmp
          "--use_cpu", "--report_to", "none"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
     )
-    assert result.returncode != 0
+    assert result.returncode == USER_ERROR_EXIT
     assert result.stderr.strip().splitlines()[-1] == (
-        "ValueError: GPT2LMHeadModel with sdpa attention cannot take the document mask: --document_masking needs a "
+        "run_origin_clm.py: error: GPT2LMHeadModel with sdpa attention cannot take the document mask: --document_masking needs a "
         "model that takes a 4D attention mask as it is (Llama, Mistral, Qwen2, ...) with eager or sdpa attention."
     )
