@@ -11,7 +11,7 @@ The script runs as __main__ through runpy. Around it, never inside its training 
 - model initialisation on the GPU (from_config under a torch.device context): random init of 1.2B parameters on
   the CPU takes most of a minute and measures nothing. Both scripts get the same weights (same seed), in
   --weights_dtype;
-- no final save_model/save_state: writing 5 GB of weights is not training;
+- no final save (save_model, _save, save_state): writing 5 GB of weights is not training;
 - optionally (--profile_step) torch.profiler's table of one step;
 - optionally (--memory_snapshot) a record of every GPU allocation from before the model is built, saved as a snapshot
   and summed at the peak by the line that allocated it (bench/memory_peak.py);
@@ -127,6 +127,7 @@ def main():
 
     AutoModelForCausalLM.from_config = from_config_on_gpu
     Trainer.save_model = lambda self, *a, **kw: None
+    Trainer._save = lambda self, *a, **kw: None  # the scripts' final save under FSDP's sharded checkpoints
     Trainer.save_state = lambda self: None
 
     result = {"script": os.path.basename(args.script), "cp_size": int(script_arg.get("--cp_size", 1)),
