@@ -74,15 +74,19 @@ def _blocks(key):
             yield slice(q_start, q_start + num_q), slice(r.sample_start, r.key_end(key.causal, offset + num_q))
 
 
+def _in_global_order(k_gathered, v_gathered, plan, dtype):
+    """The gathered keys and values in the sequence's order, in dtype."""
+    to_global = plan.global_to_dispatch.to(k_gathered.device)
+    return (t.index_select(0, to_global).to(dtype) for t in (k_gathered, v_gathered))
+
+
 def forward(q, k_gathered, v_gathered, key, scale):
     """In float32 at least, autocast off: the backward recomputes the probabilities from lse, and they must be the
     forward's."""
     plan = key.plan
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    to_global = plan.global_to_dispatch.to(q.device)
+    k_global, v_global = _in_global_order(k_gathered, v_gathered, plan, compute_dtype)
     with torch.autocast(q.device.type, enabled=False):
-        k_global = k_gathered.index_select(0, to_global).to(compute_dtype)
-        v_global = v_gathered.index_select(0, to_global).to(compute_dtype)
         q_compute = q.to(compute_dtype)
         outs, lses = [q_compute.new_zeros((0, *q.shape[1:]))], [q_compute.new_zeros((0, q.shape[1]))]
         for queries, keys in _blocks(key):
@@ -97,10 +101,8 @@ def backward(q, k_gathered, v_gathered, out, lse, grad_out, grad_lse, key, scale
     """forward's gradients from its out and lse, block by block."""
     plan = key.plan
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    to_global = plan.global_to_dispatch.to(q.device)
+    k_global, v_global = _in_global_order(k_gathered, v_gathered, plan, compute_dtype)
     with torch.autocast(q.device.type, enabled=False):
-        k_global = k_gathered.index_select(0, to_global).to(compute_dtype)
-        v_global = v_gathered.index_select(0, to_global).to(compute_dtype)
         q_c, out_c, grad_out_c = (t.to(compute_dtype) for t in (q, out, grad_out))
         grad_q, grad_k_global, grad_v_global = (torch.zeros_like(t) for t in (q_c, k_global, v_global))
         for queries, keys in _blocks(key):
@@ -112,7 +114,7 @@ def backward(q, k_gathered, v_gathered, out, lse, grad_out, grad_lse, key, scale
             grad_q[queries] = block_q
             grad_k_global[keys] += block_k
             grad_v_global[keys] += block_v
-    # The gathered K/V were put in global order by to_global, a permutation: its inverse is the dispatch order.
+    # The gathered K/V were put in global order (_in_global_order), a permutation: its inverse is the dispatch order.
     to_gathered = plan.dispatch_order.to(q.device)
     return (grad_q.to(q.dtype), grad_k_global.index_select(0, to_gathered).to(k_gathered.dtype),
             grad_v_global.index_select(0, to_gathered).to(v_gathered.dtype))
