@@ -8,7 +8,7 @@ Hub access:
   transformers tokenizer folder in data/shakespeare/tokenizer;
 - a small Llama config (head_dim and the key/value heads set explicitly: Llama's defaults are 128 and 32).
 
-A rerun finds the files with the expected hashes and does nothing.
+A rerun finds the files with the expected hashes and does nothing; runs that start together build them once.
 """
 
 import hashlib
@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
 from tokenizers import ByteLevelBPETokenizer
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -87,13 +88,18 @@ def prepare_default_corpus(data_dir=Path(__file__).parent / "data"):
     """Return (train_file, validation_file, tokenizer_dir), building whatever is missing or stale."""
     corpus_dir = Path(data_dir) / "shakespeare"
     corpus_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(corpus_dir / ".lock"):  # one build at a time: runs started together wait for the first
+        return _prepare_corpus(Path(data_dir), corpus_dir)
+
+
+def _prepare_corpus(data_dir, corpus_dir):
     train_file, validation_file = corpus_dir / "train.txt", corpus_dir / "validation.txt"
     tokenizer_dir = corpus_dir / "tokenizer"
     manifest_file = corpus_dir / "manifest.json"
 
     expected = {"train.txt": TRAIN_SHA256, "validation.txt": VALIDATION_SHA256}
     if not all((corpus_dir / name).exists() and sha256(corpus_dir / name) == h for name, h in expected.items()):
-        archive = _download_corpus_archive(Path(data_dir))
+        archive = _download_corpus_archive(data_dir)
         _split_corpus(archive, train_file, validation_file)
         for name, h in expected.items():
             if sha256(corpus_dir / name) != h:

@@ -11,12 +11,11 @@ import os
 
 import accelerate
 import transformers
-from accelerate.utils.constants import FSDP_MODEL_NAME
 from packaging import version
 from torch.distributed.device_mesh import init_device_mesh
 from transformers.utils.versions import require_version
 
-from run_guards import UserError
+from run_guards import UserError, fsdp_version
 
 # MagiAttention v1.1.1's chunk size, which the real API does not export; pad_size depends on it.
 from magi_portable import default_chunk_size  # noqa: F401
@@ -62,8 +61,8 @@ def check_supported_versions():
     raise UserError(f"{installed} is not supported: the context-parallel overrides are written for {stacks}.")
 
 
-# Where the two supported stacks differ: the model's mask, the names accelerate reads in a device mesh, and where it
-# reads the FSDP version (below, fsdp_version).
+# Where the two supported stacks differ: the model's mask and the names accelerate reads in a device mesh (where
+# they read the FSDP version and resume FSDP2's optimizer state: run_guards.py).
 # transformers 4.51 builds the mask in each model's `_update_causal_mask`; transformers 5 in masking_utils, which
 # builds none for an attention function that is not registered with its AttentionMaskInterface (ours is not).
 MODEL_BUILDS_ITS_OWN_MASK = version.parse(transformers.__version__) < version.parse("5.0.0")
@@ -75,48 +74,15 @@ ACCELERATE_SHARDS_OVER_DP_REPLICATE = version.parse(accelerate.__version__) >= v
 MESH_DIM_NAMES = ("dp_replicate", "cp") if ACCELERATE_SHARDS_OVER_DP_REPLICATE else ("dp", "tp")
 
 
-# accelerate 1.6-1.9 load FSDP2's sharded optimizer state into the optimizer's own state_dict(), which is empty
-# before the first step: a resumed run's AdamW moments would start anew. accelerate 1.15 builds the full one first.
-ACCELERATE_RESUMES_FSDP2_OPTIMIZER = version.parse(accelerate.__version__) >= version.parse("1.10.0")
-
-
-# transformers 5 hands accelerate fsdp_config's "fsdp_version" (2 when unset); transformers 4.51 hands it no version,
-# and accelerate 1.6 reads FSDP_VERSION from the environment (1 when unset), as `accelerate launch` sets it.
-def fsdp_version(training_args):
-    """The FSDP version accelerate will run: from --fsdp, or from accelerate launch's config; None without FSDP."""
-    if not training_args.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return None
-    plugin_args = getattr(training_args, "fsdp_plugin_args", None) or {}
-    return int(plugin_args.get("fsdp_version") or os.environ.get("FSDP_VERSION", "1"))
-
-
 def check_fsdp(training_args):
-    """FSDP2 or no FSDP, and a checkpoint to resume from that was saved the same way and that accelerate resumes
-    exactly: checked before any work."""
+    """FSDP2 or no FSDP with CP, before any work (both scripts check the checkpoint of an FSDP run: run_guards.py)."""
     fsdp = fsdp_version(training_args)
     if fsdp not in (None, 2):
         raise UserError(
-            f"FSDP{fsdp} is not supported with context parallelism: run_magi_clm.py is written and tested for FSDP2 "
-            "(FSDP1 is deprecated in transformers 5). Pass --fsdp_config '{\"fsdp_version\": 2, ...}', and on "
-            "transformers 4.51, which does not hand that to accelerate, set FSDP_VERSION=2 too (the launchers' FSDP=1 "
-            "does both)."
-        )
-    checkpoint = training_args.resume_from_checkpoint
-    if not (fsdp and checkpoint and os.path.isdir(checkpoint)):
-        return
-    # The Trainer loads an FSDP run's model and optimizer state only from FSDP's own files (pytorch_model_fsdp_0/,
-    # optimizer_0/ or their .bin files); it refuses the opposite case itself.
-    if not any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(checkpoint)):
-        raise UserError(
-            f"{checkpoint} was saved without FSDP, and an FSDP run resumes only from a checkpoint saved under FSDP: "
-            f"resume it without --fsdp, or start a new FSDP run from its weights with --model_name_or_path "
-            f"{checkpoint} (the optimizer state and the step count start anew)."
-        )
-    if not ACCELERATE_RESUMES_FSDP2_OPTIMIZER:
-        raise UserError(
-            f"accelerate {accelerate.__version__} would resume {checkpoint} without AdamW's moments (it restores "
-            "FSDP2's optimizer state into an optimizer that has none yet): FSDP runs resume exactly on the current "
-            "stack (pip install -r requirements-current.txt), from checkpoints saved there."
+            f"FSDP{fsdp} is not supported with context parallelism (run_magi_clm.py is written and tested for FSDP2; "
+            "FSDP1 is deprecated in transformers 5): give --fsdp_config '{\"fsdp_version\":2}' (with your other keys), "
+            "and on transformers 4.51, which does not hand that to accelerate, set FSDP_VERSION=2 too (the launchers' "
+            "FSDP=1 does both)."
         )
 
 

@@ -18,12 +18,15 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import accelerate
 import torch
 from accelerate.utils import DistributedType
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from datasets import Value
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from packaging import version
 from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import HfArgumentParser, TrainerCallback
@@ -243,6 +246,9 @@ def run_definition(model_args, data_args, training_args, data_parallel_size):
     for name in RUN_DEFINITION["model"] + RUN_DEFINITION["data"]:
         if isinstance(definition[name], str) and os.path.exists(definition[name]):
             definition[name] = os.path.abspath(definition[name])
+    # One replica normalizes a step's loss by all its tokens either way (the Trainer turns the option off in one
+    # process): runs that differ only there compute the same steps.
+    definition["average_tokens_across_devices"] = training_args.average_tokens_across_devices or data_parallel_size == 1
     definition["global_batch"] = global_batch(training_args, data_parallel_size)
     return json.loads(json.dumps(definition))  # as it reads back from a checkpoint
 
@@ -317,14 +323,44 @@ def last_complete_checkpoint(output_dir):
     return complete[-1] if complete else None
 
 
-def check_checkpoint(checkpoint, definition):
-    """Before any work, on every rank: the checkpoint to resume from is complete, its files whole (a truncated
-    copy, say: the Trainer would fail on one rank with an error that does not name it), and its run the same as
-    this one. Returns its trainer state."""
-    checkpoint = Path(checkpoint).absolute()
+# transformers 5 hands accelerate fsdp_config's "fsdp_version" (2 when unset); transformers 4.51 hands it no version,
+# and accelerate 1.6 reads FSDP_VERSION from the environment (1 when unset), as `accelerate launch` sets it.
+def fsdp_version(training_args):
+    """The FSDP version accelerate will run: from --fsdp, or from accelerate launch's config; None without FSDP."""
+    if not training_args.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    plugin_args = getattr(training_args, "fsdp_plugin_args", None) or {}
+    return int(plugin_args.get("fsdp_version") or os.environ.get("FSDP_VERSION", "1"))
+
+
+# accelerate 1.6-1.9 load FSDP2's sharded optimizer state into the optimizer's own state_dict(), which is empty
+# before the first step: a resumed run's AdamW moments would start anew. accelerate 1.15 builds the full one first.
+ACCELERATE_RESUMES_FSDP2_OPTIMIZER = version.parse(accelerate.__version__) >= version.parse("1.10.0")
+
+
+def check_checkpoint(training_args, definition):
+    """Before any work, on every rank: the checkpoint to resume from is one this run resumes exactly (complete, saved
+    the same way, with or without FSDP), its files whole (a truncated copy, say: the Trainer would fail on one rank
+    with an error that does not name it), and its run the same as this one. Returns its trainer state."""
+    checkpoint = Path(training_args.resume_from_checkpoint).absolute()
     if not checkpoint.is_dir():
         raise UserError(f"--resume_from_checkpoint {checkpoint}: there is no such folder: give a checkpoint folder "
                         "(checkpoint-N in a run's output folder).")
+    fsdp = fsdp_version(training_args)
+    # The Trainer loads an FSDP run's model and optimizer state only from FSDP's own files (pytorch_model_fsdp_0/,
+    # optimizer_0/ or their .bin files); it refuses the opposite case itself.
+    if fsdp and not any(path.name.startswith(FSDP_MODEL_NAME) for path in checkpoint.iterdir()):
+        raise UserError(
+            f"{checkpoint} was saved without FSDP, and an FSDP run resumes only from a checkpoint saved under FSDP: "
+            f"resume it without --fsdp, or start a new FSDP run from its weights with --model_name_or_path "
+            f"{checkpoint} (the optimizer state and the step count start anew)."
+        )
+    if fsdp == 2 and not ACCELERATE_RESUMES_FSDP2_OPTIMIZER:
+        raise UserError(
+            f"accelerate {accelerate.__version__} would resume {checkpoint} without AdamW's moments (it restores "
+            "FSDP2's optimizer state into an optimizer that has none yet): FSDP runs resume exactly on the current "
+            "stack (pip install -r requirements-current.txt), from checkpoints saved there."
+        )
     gap = checkpoint_gap(checkpoint)
     if gap is not None:
         other = last_complete_checkpoint(checkpoint.parent)

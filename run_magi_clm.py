@@ -527,7 +527,7 @@ def main():
         definition = run_definition(model_args, data_args, training_args, data_parallel_size)
         resumed = None  # (checkpoint, its trainer state)
         if training_args.resume_from_checkpoint is not None:
-            checkpoint_state = check_checkpoint(training_args.resume_from_checkpoint, definition)
+            checkpoint_state = check_checkpoint(training_args, definition)
             resumed = training_args.resume_from_checkpoint, checkpoint_state
         claim_output_dir(training_args)
 

@@ -11,11 +11,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from bad_inputs import BAD_INPUTS, CP_BAD_INPUTS, LAUNCHER_BAD_SETTINGS  # noqa: E402
+from bad_inputs import (  # noqa: E402
+    BAD_INPUTS,
+    CP_BAD_INPUTS,
+    FSDP_BAD_INPUTS,
+    FSDP_RESUME_BAD_INPUTS,
+    LAUNCHER_BAD_SETTINGS,
+)
 
 DOC = REPO / "docs" / "troubleshooting.md"
 # What the tests' placeholders stand for, in the text.
-PLACEHOLDERS = {"tmp": "DIR", "cwd": "$PWD", "host": "HOST", "pid": "PID"}
+PLACEHOLDERS = {"tmp": "DIR", "cwd": "$PWD", "host": "HOST", "pid": "PID", "accelerate": "VERSION"}
 
 INTRO = """# When something is wrong
 
@@ -29,8 +35,8 @@ without tracebacks. A full disk or a folder that cannot be written while the run
 the checkpoint it was writing and the last complete one. Anything else ends with the traceback of the rank that
 failed and torchrun's report.
 
-This file is written by `python scripts/troubleshooting.py` from the cases that `tests/test_bad_inputs.py` and
-`tests/test_launchers.py` check; DIR stands for a folder of yours.
+This file is written by `python scripts/troubleshooting.py` from the cases that `tests/test_bad_inputs.py`,
+`tests/test_fsdp.py` and `tests/test_launchers.py` check; DIR stands for a folder of yours.
 """
 
 
@@ -57,6 +63,9 @@ def render():
         INTRO,
         "## Arguments, data, output folder and checkpoint (both scripts; the last rows run_magi_clm.py only)\n",
         table(script_rows, lambda how: arguments(*how)),
+        "## FSDP (the first rows run_magi_clm.py only)\n",
+        table([(case, (args, env), message) for case, args, env, message in FSDP_BAD_INPUTS + FSDP_RESUME_BAD_INPUTS],
+              lambda how: arguments(*how)),
         "## Launcher settings (refused before anything starts)\n",
         table(launcher_rows, lambda how: arguments(["bash", how[0]], how[1])),
     ])

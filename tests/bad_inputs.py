@@ -98,8 +98,8 @@ BAD_INPUTS = [
      "--output_dir."),
 ]
 
-# What only run_magi_clm.py refuses, and one shared check: run through torchrun with 2 CPU processes, as the
-# launchers start it, where every rank meets the bad input and the job prints one line.
+# What only run_magi_clm.py refuses: run through torchrun with 2 CPU processes, as the launchers start it, where
+# every rank meets the bad input and the job prints one line (a shared check under CP: tests/test_launchers.py).
 CP_BAD_INPUTS = [
     ("cp_size does not divide the processes", ["--cp_size", "3"], {},
      "--cp_size 3 does not divide the 2 processes: launch a multiple of cp_size processes or change --cp_size."),
@@ -115,8 +115,34 @@ CP_BAD_INPUTS = [
      "BloomForCausalLM cannot take the registered attention function 'Magi_Attention': it does not call attention "
      "through transformers' ALL_ATTENTION_FUNCTIONS. Use a model that does (Llama, Mistral, Qwen2, ...) or run "
      "run_origin_clm.py."),
-    ("a UTF-16 train file, under CP", ["--train_file", "{tmp}/utf16.txt"], {},
-     "Data file {tmp}/utf16.txt is not UTF-8 text (invalid start byte): convert it to UTF-8 (e.g. with iconv)."),
+]
+
+# FSDP that run_magi_clm.py cannot run as asked, run as one process under torchrun ({tmp}/small.txt is the text),
+# and the FSDP resumes that neither script would resume exactly, run with run_origin_clm.py in the test's process
+# ({accelerate} is its version): tests/test_fsdp.py runs each.
+FSDP_ARGS = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{{"fsdp_version": 2}}']
+FSDP_BAD_INPUTS = [
+    ("FSDP on CPU processes", FSDP_ARGS, {"FSDP_VERSION": "2"},
+     "--fsdp: accelerate runs FSDP on GPUs only, and would train these CPU processes with DDP instead, the whole "
+     "model state on each: drop --fsdp here (FSDP=1 for the launchers), or run on GPUs."),
+    ("FSDP1 with CP", ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{{"fsdp_version": 1}}'],
+     {"FSDP_VERSION": "1"},
+     "FSDP1 is not supported with context parallelism (run_magi_clm.py is written and tested for FSDP2; FSDP1 is "
+     "deprecated in transformers 5): give --fsdp_config '{{\"fsdp_version\":2}}' (with your other keys), and on "
+     "transformers 4.51, which does not hand that to accelerate, set FSDP_VERSION=2 too (the launchers' FSDP=1 does "
+     "both)."),
+]
+FSDP_RESUME_BAD_INPUTS = [
+    ("an FSDP run resumed from a checkpoint saved without FSDP",
+     [*FSDP_ARGS, "--resume_from_checkpoint", "{tmp}/ddp/checkpoint-5"], {"FSDP_VERSION": "2"},
+     "{tmp}/ddp/checkpoint-5 was saved without FSDP, and an FSDP run resumes only from a checkpoint saved under "
+     "FSDP: resume it without --fsdp, or start a new FSDP run from its weights with --model_name_or_path "
+     "{tmp}/ddp/checkpoint-5 (the optimizer state and the step count start anew)."),
+    ("an FSDP2 resume on accelerate 1.6-1.9", [*FSDP_ARGS, "--resume_from_checkpoint", "{tmp}/fsdp/checkpoint-5"],
+     {"FSDP_VERSION": "2"},
+     "accelerate {accelerate} would resume {tmp}/fsdp/checkpoint-5 without AdamW's moments (it restores FSDP2's "
+     "optimizer state into an optimizer that has none yet): FSDP runs resume exactly on the current stack (pip "
+     "install -r requirements-current.txt), from checkpoints saved there."),
 ]
 
 # What the launchers refuse before starting anything (settings are environment variables; the last line of the

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from run_guards import UserError, release_output_dir
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS, SAVE_STEPS, BLOCK_SIZE = 10, 5, 255
@@ -40,6 +42,28 @@ def train(script, output_dir, *args, env=None, cwd=REPO):
         "weights": load_file(output_dir / "model.safetensors"),
         "results": json.loads((output_dir / "all_results.json").read_text()),
     }
+
+
+# A PYTHON for the launchers that runs nothing: it answers their torch check with no GPUs and prints the command
+# they start their script with.
+PYTHON_STUB = """#!/bin/bash
+if [ "$1" = -c ]; then echo 0; else printf '%s\\0' "$@"; fi
+"""
+
+
+def launcher_arguments(script, output_dir, *args, env=None, tmp_path):
+    """The arguments that a launcher run with RUN_ARGS and args would hand its script, read without starting it: for
+    checks that run_origin_main makes of the same command in this process (without --ddp_backend gloo, which there
+    would look for a process group)."""
+    stub = tmp_path / "python_stub"
+    stub.write_text(PYTHON_STUB)
+    stub.chmod(0o755)
+    result = launch(script, output_dir, *RUN_ARGS, *args, env={"PYTHON": str(stub), **(env or {})})
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split("\0")[:-1]
+    arguments = command[[Path(word).name for word in command].index(script.replace(".sh", ".py")) + 1:]
+    backend = arguments.index("--ddp_backend")
+    return arguments[:backend] + arguments[backend + 2:]
 
 
 def assert_same_weights(a, b):
@@ -115,7 +139,14 @@ def run_origin_main(monkeypatch, *args, env=None):
     monkeypatch.delenv("GLOBAL_BATCH", raising=False)
     for name, value in (env or {}).items():
         monkeypatch.setenv(name, value)
-    run_origin_clm.main()
+    # TrainingArguments writes accelerate's settings into the environment (ACCELERATE_USE_FSDP, ...), which the runs
+    # that later tests start would inherit.
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    try:
+        run_origin_clm.main()
+    except UserError:
+        release_output_dir()  # as run_guards.run_main does
+        raise
 
 
 @contextmanager

@@ -25,10 +25,10 @@ from packaging import version
 from safetensors.torch import save_file
 
 import embedded_default
-import magi_utils
+from bad_inputs import FSDP_BAD_INPUTS, FSDP_RESUME_BAD_INPUTS
 from test_cp_exactness import GLOBAL_BATCH, assert_same_training, launch, run_args
-from run_guards import USER_ERROR_EXIT
-from runs import run_ranks
+from run_guards import ACCELERATE_RESUMES_FSDP2_OPTIMIZER, USER_ERROR_EXIT, UserError
+from runs import run_origin_main, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 SAVE_STEPS = 5
@@ -131,60 +131,43 @@ def test_sharded_checkpoint_resumes_at_cp3_with_offload_and_the_memory_options(c
 def inputs(tmp_path_factory):
     """A short text, a checkpoint folder as the Trainer writes it without FSDP (whole weights and optimizer state),
     and one as it writes it under FSDP2 (its folders: what the scripts' checks look at)."""
-    text = tmp_path_factory.mktemp("text") / "small.txt"
-    text.write_text(Path(embedded_default.prepare_default_corpus()[0]).read_text()[:20000])
-    ddp, fsdp = tmp_path_factory.mktemp("ddp") / "checkpoint-5", tmp_path_factory.mktemp("fsdp") / "checkpoint-5"
-    ddp.mkdir()
+    tmp = tmp_path_factory.mktemp("inputs")
+    (tmp / "small.txt").write_text(Path(embedded_default.prepare_default_corpus()[0]).read_text()[:20000])
+    ddp, fsdp = tmp / "ddp" / "checkpoint-5", tmp / "fsdp" / "checkpoint-5"
+    ddp.mkdir(parents=True)
     save_file({"lm_head.weight": torch.zeros(2, 2)}, ddp / "model.safetensors")
     torch.save({"state": {}, "param_groups": []}, ddp / "optimizer.pt")
     for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
         (fsdp / folder).mkdir(parents=True)
-    return {"{text}": str(text), "{ddp_checkpoint}": str(ddp), "{fsdp_checkpoint}": str(fsdp)}
+    return tmp
 
 
-FSDP_ARGS = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"fsdp_version": 2}']
-REFUSALS = [
-    pytest.param(
-        FSDP_ARGS, {"FSDP_VERSION": "2"},
-        "--fsdp: accelerate runs FSDP on GPUs only, and would train these CPU processes with DDP instead, "
-        "the whole model state on each: drop --fsdp here (FSDP=1 for the launchers), or run on GPUs.",
-        id="FSDP on CPU processes"),
-    pytest.param(
-        ["--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"fsdp_version": 1}'], {"FSDP_VERSION": "1"},
-        "FSDP1 is not supported with context parallelism: run_magi_clm.py is written and tested for FSDP2 "
-        "(FSDP1 is deprecated in transformers 5). Pass --fsdp_config '{\"fsdp_version\": 2, ...}', and on transformers "
-        "4.51, which does not hand that to accelerate, set FSDP_VERSION=2 too (the launchers' FSDP=1 does both).",
-        id="FSDP1"),
-    pytest.param(
-        FSDP_ARGS + ["--resume_from_checkpoint", "{ddp_checkpoint}"], {"FSDP_VERSION": "2"},
-        "{ddp_checkpoint} was saved without FSDP, and an FSDP run resumes only from a checkpoint saved "
-        "under FSDP: resume it without --fsdp, or start a new FSDP run from its weights with --model_name_or_path "
-        "{ddp_checkpoint} (the optimizer state and the step count start anew).",
-        id="checkpoint saved without FSDP"),
-    pytest.param(
-        FSDP_ARGS + ["--resume_from_checkpoint", "{fsdp_checkpoint}"], {"FSDP_VERSION": "2"},
-        f"accelerate {accelerate.__version__} would resume {{fsdp_checkpoint}} without AdamW's moments (it "
-        "restores FSDP2's optimizer state into an optimizer that has none yet): FSDP runs resume exactly on the "
-        "current stack (pip install -r requirements-current.txt), from checkpoints saved there.",
-        id="FSDP2 resume on accelerate 1.6-1.9",
-        marks=pytest.mark.skipif(magi_utils.ACCELERATE_RESUMES_FSDP2_OPTIMIZER, reason="this accelerate resumes it")),
-]
+def filled_in(text, tmp):
+    return text.format(tmp=tmp, accelerate=accelerate.__version__)
 
 
-@pytest.mark.parametrize("extra, env, message", REFUSALS)
-def test_fsdp_that_cannot_run_is_refused_before_training(inputs, tmp_path, extra, env, message):
-    def filled_in(text):
-        for name, path in inputs.items():
-            text = text.replace(name, path)
-        return text
-
+@pytest.mark.parametrize("case, extra, env, message", FSDP_BAD_INPUTS, ids=[row[0] for row in FSDP_BAD_INPUTS])
+def test_fsdp_that_cannot_run_is_refused_before_training(inputs, tmp_path, case, extra, env, message):
     args = ["--output_dir", str(tmp_path / "out"), "--do_train", "--max_steps", "1", "--block_size", "64",
-            "--train_file", "{text}", "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"]
-    results = run_ranks([filled_in(a) for a in args + extra], world_size=1, env=env)
+            "--train_file", f"{inputs}/small.txt", "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"]
+    results = run_ranks(args + [filled_in(a, inputs) for a in extra], world_size=1, env=env)
     for output, returncode in results:
         assert returncode == USER_ERROR_EXIT, output[-3000:]
-        assert output.strip().splitlines()[-1] == f"run_magi_clm.py: error: {filled_in(message)}", output[-3000:]
+        assert output.strip().splitlines()[-1] == f"run_magi_clm.py: error: {filled_in(message, inputs)}", \
+            output[-3000:]
         assert "Running training" not in output
+
+
+@pytest.mark.parametrize("case, extra, env, message", [
+    pytest.param(*row, id=row[0], marks=pytest.mark.skipif(
+        "accelerate 1.6-1.9" in row[0] and ACCELERATE_RESUMES_FSDP2_OPTIMIZER, reason="this accelerate resumes it"))
+    for row in FSDP_RESUME_BAD_INPUTS])
+def test_an_fsdp_resume_that_would_not_be_exact_is_refused(inputs, tmp_path, monkeypatch, case, extra, env, message):
+    # Checked by both scripts (run_guards.py): here run_origin_clm.py's, in this process.
+    with pytest.raises(UserError) as error:
+        run_origin_main(monkeypatch, "--output_dir", str(tmp_path / "out"), "--do_train", "--block_size", "64",
+                        "--train_file", f"{inputs}/small.txt", *[filled_in(a, inputs) for a in extra], env=env)
+    assert str(error.value) == filled_in(message, inputs)
 
 
 NO_RESPONSE = SimpleNamespace(headers={}, request=None)  # what the Hub's errors read of the HTTP response

@@ -1,5 +1,6 @@
-"""magi_portable/attention.py: calc_attn on real gloo process groups at CP 1 to 8, dispatched inputs to undispatched
-outputs and back to the gradients, against plain float64 attention; and the choice of its kernel."""
+"""magi_portable/attention.py: calc_attn on real gloo process groups at CP 1, 2 and 4 (the planner's tests take CP 8
+too), dispatched inputs to undispatched outputs and back to the gradients, against plain float64 attention; and the
+choice of its kernel."""
 
 import math
 
@@ -69,7 +70,7 @@ def check_calc_attn(group):
         assert len(key.plan.rank_chunks[0]) >= 2
 
 
-@pytest.mark.parametrize("cp_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
 def test_calc_attn_matches_the_reference(cp_size, tmp_path):
     run_on_ranks(check_calc_attn, cp_size, tmp_path)
 

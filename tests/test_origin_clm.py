@@ -1,19 +1,14 @@
-"""The plain trainer: arguments, block grouping, and real runs through the launcher."""
+"""The plain trainer: arguments, block grouping, data checks. (Its runs through the launcher: test_resume.py.)"""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 import embedded_default
-from run_guards import USER_ERROR_EXIT
+from run_guards import UserError
 from run_origin_clm import DataTrainingArguments, ModelArguments, group_texts, load_raw_datasets
-
-REPO = Path(__file__).resolve().parent.parent
+from runs import run_origin_main
 
 UPSTREAM_MODEL_ARGS = {
     "model_name_or_path": "some/model", "model_type": "llama", "config_name": "cfg", "tokenizer_name": "tok",
@@ -84,63 +79,17 @@ def test_group_texts_cuts_blocks_and_drops_the_remainder(lengths, block_size, ex
     assert all(len(m) == block_size for m in result["attention_mask"])
 
 
-def run_launcher(script, output_dir, *args, env=None, steps=30):
-    env = {**os.environ, "OUTPUT_DIR": str(output_dir), "MAX_STEPS": str(steps), **(env or {})}
-    result = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def test_launcher_trains_evaluates_and_resumes(tmp_path):
-    out = tmp_path / "origin"
-    run_launcher("run_origin_clm.sh", out, "--save_steps", "15", steps=30)
-
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 30 and losses[-1] < losses[0] - 1.0
-    results = json.loads((out / "all_results.json").read_text())
-    for key in ("train_loss", "eval_loss", "perplexity", "eval_accuracy"):
-        assert key in results
-    assert 0.0 < results["eval_accuracy"] < 1.0
-    assert (out / "model.safetensors").exists() and (out / "checkpoint-30" / "trainer_state.json").exists()
-
-    # Resume from the step-15 checkpoint: the run continues at step 16 and ends on the same losses.
-    resumed = tmp_path / "resumed"
-    run_launcher("run_origin_clm.sh", resumed, "--resume_from_checkpoint", str(out / "checkpoint-15"), steps=30)
-    resumed_history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
-    resumed_losses = {h["step"]: h["loss"] for h in resumed_history if "loss" in h}
-    assert resumed_losses == {h["step"]: h["loss"] for h in history if "loss" in h}
-
-
-def test_text_shorter_than_one_block_is_a_clear_error(tmp_path):
-    tiny = tmp_path / "tiny.txt"
-    tiny.write_text("Too short.\n")
-    result = subprocess.run(
-        [sys.executable, "run_origin_clm.py", "--train_file", str(tiny), "--validation_file", str(tiny),
-         "--tokenizer_name", embedded_default.prepare_default_corpus()[2], "--model_type", "llama",
-         "--config_overrides", "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
-         "num_key_value_heads=1,head_dim=16,vocab_size=4096",
-         "--block_size", "64", "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu", "--report_to", "none"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode != 0
-    assert "shorter than one block of 64 tokens" in result.stderr
-
-
-def test_document_masking_refuses_a_model_that_cannot_take_the_document_mask(tmp_path):
+def test_document_masking_refuses_a_model_that_cannot_take_the_document_mask(tmp_path, monkeypatch):
     # GPT-2 flattens a 4D attention mask into a padding mask and fails in its attention with a size mismatch.
     train_file, _, tokenizer = embedded_default.prepare_default_corpus()
     small = tmp_path / "small.txt"
     small.write_text(Path(train_file).read_text()[:20000])
-    result = subprocess.run(
-        [sys.executable, "run_origin_clm.py", "--train_file", str(small), "--validation_file", str(small),
-         "--tokenizer_name", tokenizer, "--model_type", "gpt2", "--config_overrides", "n_embd=32,n_layer=1,n_head=2",
-         "--document_masking", "--block_size", "64", "--output_dir", str(tmp_path / "out"), "--do_train",
-         "--use_cpu", "--report_to", "none"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == USER_ERROR_EXIT
-    assert result.stderr.strip().splitlines()[-1] == (
-        "run_origin_clm.py: error: GPT2LMHeadModel with sdpa attention cannot take the document mask: --document_masking needs a "
-        "model that takes a 4D attention mask as it is (Llama, Mistral, Qwen2, ...) with eager or sdpa attention."
+    with pytest.raises(UserError) as error:
+        run_origin_main(monkeypatch, "--train_file", str(small), "--validation_file", str(small),
+                        "--tokenizer_name", tokenizer, "--model_type", "gpt2", "--config_overrides",
+                        "n_embd=32,n_layer=1,n_head=2", "--document_masking", "--block_size", "64",
+                        "--output_dir", str(tmp_path / "out"), "--do_train")
+    assert str(error.value) == (
+        "GPT2LMHeadModel with sdpa attention cannot take the document mask: --document_masking needs a model that "
+        "takes a 4D attention mask as it is (Llama, Mistral, Qwen2, ...) with eager or sdpa attention."
     )

@@ -1,7 +1,9 @@
-"""Runs, checkpoints and resumes: a CP run is deterministic and resumes exactly, its summary holds the whole run's
-train loss; a finished run, a resume past the end or with other settings, and an incomplete checkpoint are refused
-with what to do instead; one failing rank or a full disk ends the job with the reason; no gloo thread outlives a
-finished run. Real CPU runs through the launchers: one reference CP run serves most checks."""
+"""Runs, checkpoints and resumes: the launchers' default CP run trains like the baseline run; both resume exactly,
+bit for bit (which shows them deterministic too), and the summary holds the whole run's train loss; a finished run, a
+resume past the end or with other settings, and an incomplete checkpoint are refused with what to do instead; one
+failing rank or a full disk ends the job with the reason; no gloo thread outlives a finished run. Real CPU runs
+through the launchers: one reference CP run serves most checks, and the refusals, which both scripts share, are
+checked on the same command in this process."""
 
 import re
 import shutil
@@ -22,6 +24,7 @@ from runs import (
     assert_same_weights,
     error_lines,
     launch,
+    launcher_arguments,
     run_origin_main,
     small_disk,
     train,
@@ -51,6 +54,23 @@ def cp_run(tmp_path_factory):
     return out, train("run_magi_clm.sh", out, env={"PYTHONPATH": str(probe)})
 
 
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory):
+    """The same run without CP: run_origin_clm.sh."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    return out, train("run_origin_clm.sh", out)
+
+
+def test_cp_run_trains_like_the_baseline(cp_run, baseline_run):
+    # The launchers' default CP 2 against the baseline, to tests/test_cp_exactness.py's tolerances.
+    (_, cp), (_, baseline) = cp_run, baseline_run
+    for step, entry in baseline["steps"].items():
+        assert abs(cp["steps"][step]["loss"] - entry["loss"]) <= 1e-4, step
+    for name, reference in baseline["weights"].items():
+        assert (cp["weights"][name] - reference).norm() / reference.norm() <= 1e-4, name
+    assert abs(cp["results"]["eval_loss"] - baseline["results"]["eval_loss"]) <= 1e-4
+
+
 def test_no_gloo_thread_outlives_a_finished_run(cp_run):
     # gloo threads left to the interpreter's shutdown can abort a finished run (SIGABRT, "terminate called without
     # an active exception"): every rank has joined them before it exits.
@@ -71,29 +91,29 @@ def test_padded_sequence_length_trains(cp_run):
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_the_log_gives_each_figure_once_and_true(cp_run):
+def test_the_log_gives_true_figures_and_the_plan_once(cp_run):
     _, run = cp_run
     # The global batch: 8 samples a step over the CP group of 2 ranks (transformers 4.51 would log 16).
-    assert re.findall(r"Total train batch size \(w\. parallel, distributed & accumulation\) = (\d+)", run["log"]) == ["8"]
+    figures = re.findall(r"Total train batch size \(w\. parallel, distributed & accumulation\) = (\d+)", run["log"])
+    assert figures and set(figures) == {"8"}, figures
     assert "Global batch: 8 samples a step" in run["log"]
     # Each rank by its rank (transformers 5's local_rank is -1); one plan for the one shape of batch.
     assert {int(rank) for rank in re.findall(r"Process rank: (-?\d+)", run["log"])} == {0, 1}
     assert len(re.findall("CP plan for", run["log"])) == 1
 
 
-def test_cp_run_is_deterministic(cp_run, tmp_path):
-    _, first = cp_run
-    second = train("run_magi_clm.sh", tmp_path / "again")
-    assert second["steps"] == first["steps"]  # loss, grad norm and learning rate of every step
-    assert_same_weights(second["weights"], first["weights"])
-
-
-def test_baseline_is_deterministic(tmp_path):
-    first = train("run_origin_clm.sh", tmp_path / "first")
-    second = train("run_origin_clm.sh", tmp_path / "second")
-    assert sorted(first["steps"]) == list(range(1, STEPS + 1))
-    assert second["steps"] == first["steps"]
-    assert_same_weights(second["weights"], first["weights"])
+def test_baseline_run_trains_evaluates_and_resumes_exactly(baseline_run, tmp_path):
+    out, full = baseline_run
+    losses = [full["steps"][s]["loss"] for s in range(1, STEPS + 1)]
+    assert losses[-1] < losses[0] - 0.5
+    assert {"train_loss", "eval_loss", "perplexity", "eval_accuracy"} <= full["results"].keys()
+    assert 0.0 < full["results"]["eval_accuracy"] < 1.0
+    # Resumed in another folder from the checkpoint at step 5: steps 6-10 trained again in other processes give the
+    # same entries and weights, bit for bit.
+    resumed = train("run_origin_clm.sh", tmp_path / "resumed", "--resume_from_checkpoint",
+                    str(out / f"checkpoint-{SAVE_STEPS}"))
+    assert resumed["steps"] == full["steps"]
+    assert_same_weights(resumed["weights"], full["weights"])
 
 
 def test_interrupted_cp_run_resumes_exactly(cp_run, tmp_path):
@@ -120,17 +140,18 @@ def test_interrupted_cp_run_resumes_exactly(cp_run, tmp_path):
     assert not (interrupted / "run.lock").exists()
 
 
-def test_a_finished_runs_folder_is_not_reused(cp_run):
+def test_a_finished_runs_folder_is_not_reused(cp_run, tmp_path, monkeypatch):
     # Appending arguments to the launcher, as the README suggests, would write into the same folder.
     out, _ = cp_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    result = launch("run_magi_clm.sh", out, "--learning_rate", "1e-3", timeout=120)
-    assert result.returncode == 2
-    assert error_lines(result) == [
-        f"run_magi_clm.py: error: Output folder {out} holds an earlier run (all_results.json, checkpoint-10, "
-        f"checkpoint-5, ...): it is finished (step 10 of 10): to train it further, resume from {out}/checkpoint-10 "
-        "with a larger --max_steps (MAX_STEPS for the launchers), or give another --output_dir (OUTPUT_DIR for the "
-        "launchers), or delete the folder."]
+    with pytest.raises(UserError) as error:
+        run_origin_main(monkeypatch, *launcher_arguments("run_origin_clm.sh", out, "--learning_rate", "1e-3",
+                                                         tmp_path=tmp_path))
+    assert str(error.value) == (
+        f"Output folder {out} holds an earlier run (all_results.json, checkpoint-10, checkpoint-5, ...): it is "
+        f"finished (step 10 of 10): to train it further, resume from {out}/checkpoint-10 with a larger --max_steps "
+        "(MAX_STEPS for the launchers), or give another --output_dir (OUTPUT_DIR for the launchers), or delete the "
+        "folder.")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
@@ -142,29 +163,29 @@ def test_a_finished_runs_folder_is_not_reused(cp_run):
     (SAVE_STEPS, 4, "Checkpoint {checkpoint} is at step 5, and this run ends at step 4: give a --max_steps "
      "(MAX_STEPS for the launchers) above 5 to train on from it."),
 ], ids=["finished", "fewer steps"])
-def test_a_resume_with_no_step_left_is_refused(cp_run, checkpoint, max_steps, message):
+def test_a_resume_with_no_step_left_is_refused(cp_run, tmp_path, monkeypatch, checkpoint, max_steps, message):
     out, _ = cp_run
     checkpoint = out / f"checkpoint-{checkpoint}"
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    result = launch("run_magi_clm.sh", out, *RUN_ARGS, "--resume_from_checkpoint", str(checkpoint),
-                    env={"MAX_STEPS": str(max_steps)})
-    assert result.returncode == 2
-    assert error_lines(result) == [f"run_magi_clm.py: error: {message.format(checkpoint=checkpoint)}"]
-    assert "'loss'" not in result.stdout + result.stderr
+    with pytest.raises(UserError) as error:
+        run_origin_main(monkeypatch, *launcher_arguments(
+            "run_origin_clm.sh", out, "--resume_from_checkpoint", str(checkpoint), env={"MAX_STEPS": str(max_steps)},
+            tmp_path=tmp_path))
+    assert str(error.value) == message.format(checkpoint=checkpoint)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # the lock taken is let go of
 
 
-def test_a_resume_that_changes_what_a_step_computes_is_refused(cp_run, tmp_path):
+def test_a_resume_that_changes_what_a_step_computes_is_refused(cp_run, tmp_path, monkeypatch):
     out, _ = cp_run
     checkpoint = out / f"checkpoint-{SAVE_STEPS}"
-    result = launch("run_magi_clm.sh", tmp_path / "out", *RUN_ARGS, "--resume_from_checkpoint", str(checkpoint),
-                    "--document_masking", "--block_size", "128", timeout=120)
-    assert result.returncode == 2
-    assert error_lines(result) == [
-        f"run_magi_clm.py: error: Checkpoint {checkpoint} was trained with other settings: block_size {BLOCK_SIZE} "
-        "there, 128 here; document_masking False there, True here. A resume goes on with the same run: give its "
-        f"settings, or start a new run from the checkpoint's weights (--model_name_or_path {checkpoint}) in another "
-        "--output_dir."]
+    with pytest.raises(UserError) as error:
+        run_origin_main(monkeypatch, *launcher_arguments(
+            "run_origin_clm.sh", tmp_path / "out", "--resume_from_checkpoint", str(checkpoint), "--document_masking",
+            "--block_size", "128", tmp_path=tmp_path))
+    assert str(error.value) == (
+        f"Checkpoint {checkpoint} was trained with other settings: block_size {BLOCK_SIZE} there, 128 here; "
+        "document_masking False there, True here. A resume goes on with the same run: give its settings, or start a "
+        f"new run from the checkpoint's weights (--model_name_or_path {checkpoint}) in another --output_dir.")
 
 
 def test_an_incomplete_checkpoint_is_named_and_never_advised(cp_run, tmp_path, monkeypatch):
@@ -195,7 +216,7 @@ def test_own_text_trains_with_the_default_tokenizer_from_another_folder(tmp_path
     train_file, _, tokenizer = embedded_default.prepare_default_corpus()
     (tmp_path / "small.txt").write_text(open(train_file).read()[:20000])
     run = train("run_magi_clm.sh", "own", "--train_file", "small.txt", "--validation_file", "small.txt",
-                cwd=tmp_path)
+                cwd=tmp_path, env={"MAX_STEPS": "2"})
     assert f"Starting a new run in {tmp_path}/own." in run["log"]
     assert f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer}." in run["log"]
     assert "No dataset given" not in run["log"]
