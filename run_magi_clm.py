@@ -486,13 +486,13 @@ def main():
     # Not local_rank: transformers sets it to 0 without torchrun. The process group reads RANK from the environment.
     if "RANK" not in os.environ:
         raise UserError("run_magi_clm.py runs under torchrun, even for one process: use run_magi_clm.sh.")
-    if training_args.world_size % magi_args.cp_size != 0:
-        raise UserError(
-            f"--cp_size {magi_args.cp_size} does not divide the {training_args.world_size} processes: "
-            "launch a multiple of cp_size processes or change --cp_size."
-        )
     if data_args.streaming and magi_args.cp_size > 1:
         raise UserError("--streaming is not supported with --cp_size > 1: drop --streaming (map-style datasets only).")
+    if training_args.world_size % magi_args.cp_size != 0:
+        raise UserError(
+            f"--cp_size {magi_args.cp_size} does not divide the number of processes ({training_args.world_size}): "
+            "launch a multiple of cp_size processes or change --cp_size."
+        )
     check_fsdp(training_args)
 
     logging.basicConfig(

@@ -98,17 +98,18 @@ BAD_INPUTS = [
      "--output_dir."),
 ]
 
-# What only run_magi_clm.py refuses: run through torchrun with 2 CPU processes, as the launchers start it, where
-# every rank meets the bad input and the job prints one line (a shared check under CP: tests/test_launchers.py).
+# What only run_magi_clm.py refuses: run as one process of --cp_size 1, as a cluster scheduler starts it (the
+# launchers' jobs say such a line once: tests/test_launchers.py).
 CP_BAD_INPUTS = [
-    ("cp_size does not divide the processes", ["--cp_size", "3"], {},
-     "--cp_size 3 does not divide the 2 processes: launch a multiple of cp_size processes or change --cp_size."),
+    ("cp_size that does not divide the processes", ["--cp_size", "3"], {},
+     "--cp_size 3 does not divide the number of processes (1): launch a multiple of cp_size processes or change "
+     "--cp_size."),
     ("cp_size below 1", ["--cp_size", "0"], {},
      "--cp_size must be at least 1, got 0: pass --cp_size 1 (no CP) or more."),
     ("head counts that grouped-query attention cannot split", ["--config_overrides", "num_key_value_heads=3"], {},
      "num_attention_heads (4) is not a multiple of num_key_value_heads (3), so grouped-query attention cannot split "
      "the heads: fix the model config (--config_overrides)."),
-    ("streaming with CP", ["--streaming"], {},
+    ("streaming with CP", ["--streaming", "--cp_size", "2"], {},
      "--streaming is not supported with --cp_size > 1: drop --streaming (map-style datasets only)."),
     ("a model without the attention registry",  # BLOOM, in transformers 4.51 and 5 (GPT-2 takes it in 5)
      ["--model_type", "bloom", "--config_overrides", "hidden_size=32,n_layer=1,n_head=2"], {},

@@ -1,4 +1,4 @@
-"""Real runs for the tests: the launchers, torchrun, ranks started by hand, and a script's main in this process."""
+"""Real runs for the tests: the launchers, ranks started by hand, and a script's main in this process."""
 
 import json
 import os
@@ -70,15 +70,6 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].equal(b[name]), name
-
-
-def torchrun(script, *args, nproc=2, env=None, timeout=300):
-    """A script under torchrun as the launchers start it (scripts/torchrun.py), in CPU processes."""
-    return subprocess.run(
-        [sys.executable, "scripts/torchrun.py", "--standalone", "--nproc_per_node", str(nproc), script, *args,
-         "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"],
-        cwd=REPO, env={**os.environ, **ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
 
 
 def fake_checkpoint(path, step, max_steps, leave_out=()):

@@ -1,9 +1,10 @@
 """Context parallelism trains exactly like the baseline: real multi-process CPU runs (gloo, float32) of both
-launchers with the same global batch, compared step by step.
+launchers with the same global batch, compared step by step; and the ranks of CP 2 x DP 2 get their data as they
+should. (The launchers' default, CP 2, against the baseline: tests/test_resume.py.)
 
-Every run uses 2 samples per device and blocks of 100 tokens: 200 tokens per batch, which no cp x chunk
-divides at cp 2 or 4 (chunk 13 or 7), so the padded path is exercised throughout. With --document_masking the
-documents are the text's paragraphs (speeches, mostly tens of tokens), so the blocks hold several each.
+Every run uses 2 samples per device and blocks of 100 tokens: 200 tokens per batch, which no cp x chunk divides at
+cp 2 or 4 (chunk 13 or 7), so the padded path is exercised throughout. With --document_masking the documents are
+the text's paragraphs (speeches, mostly tens of tokens), so the blocks hold several each.
 """
 
 import json
@@ -13,10 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import transformers
+from packaging import version
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 10
+STEPS = 6
 GLOBAL_BATCH = 4
 COMMON_ARGS = ["--block_size", "100", "--max_eval_samples", "12", "--save_strategy", "no", "--warmup_steps", "2"]
 DOCUMENT_ARGS = ["--document_masking", "--text_sample_by", "paragraph"]
@@ -66,26 +69,57 @@ def assert_same_training(cp_run, baseline):
         assert samples == pytest.approx(STEPS * GLOBAL_BATCH, rel=0.01)
 
 
-# Each kind of run once: CP 2 with document masking, CP 4 (chunks of 7 tokens), and CP 2 x DP 2, whose data-parallel
-# reduction and masks of documents crossing the ranks' slices differ again. (The launchers' default, CP 2 without
-# document masking, against the baseline: tests/test_resume.py.)
-@pytest.mark.parametrize("cp_size, data_parallel, document_masking", [
-    (2, 1, True), (4, 1, False), (2, 2, True),
-], ids=["cp2-dp1-document_masking", "cp4-dp1", "cp2-dp2-document_masking"])
-def test_cp_run_matches_the_baseline(baseline, tmp_path, cp_size, data_parallel, document_masking):
-    cp_run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=cp_size * data_parallel, cp_size=cp_size,
-                    extra=run_args(data_parallel, document_masking))
-    assert f"Context parallelism over {cp_size} ranks, attention by magi_portable" in cp_run["log"]
+def assert_cp_plans(run, cp_size, document_masking):
+    assert f"Context parallelism over {cp_size} ranks, attention by magi_portable" in run["log"]
     # A plan of a new shape logs the batch's causal sequences: its samples, or with document masking the documents
     # and pieces of documents in them. The blocks do cross documents: several to a block.
     plans = [(int(samples), int(sequences)) for samples, sequences in
-             re.findall(r"CP plan for (\d+) samples x 100 tokens, (\d+) causal sequences", cp_run["log"])]
+             re.findall(r"CP plan for (\d+) samples x 100 tokens, (\d+) causal sequences", run["log"])]
     assert len(plans) == 1  # one shape of batch: training and evaluation take 2 samples a device
-    samples = sum(p[0] for p in plans)
-    sequences = sum(p[1] for p in plans)
+    [(samples, sequences)] = plans
     assert sequences >= 2 * samples if document_masking else sequences == samples
-    assert f"Global batch: {GLOBAL_BATCH} samples a step" in cp_run["log"]
-    assert_same_training(cp_run, baseline(data_parallel, document_masking))
+    assert f"Global batch: {GLOBAL_BATCH} samples a step" in run["log"]
+
+
+def test_cp4_run_matches_the_baseline(baseline, tmp_path):
+    run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=4, cp_size=4)
+    assert_cp_plans(run, 4, document_masking=False)
+    assert_same_training(run, baseline(1, False))
+
+
+def test_cp2_x_dp2_run_splits_the_data_and_matches_the_baseline(baseline, tmp_path):
+    """With document masking, each rank recording what it trains on (tests/sharding_probe): this is what
+    accelerate's data loader makes of the device mesh's dimension names, which accelerate 1.10 changed
+    (magi_utils.MESH_DIM_NAMES). CI runs it on both stacks."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    run = launch("run_magi_clm.sh", tmp_path / "cp", nproc=4, cp_size=2, extra=run_args(2, True), env={
+        "PYTHONPATH": str(REPO / "tests" / "sharding_probe"), "SHARDING_PROBE_DIR": str(probe)})
+    assert_cp_plans(run, 2, document_masking=True)
+    assert_same_training(run, baseline(2, True))
+
+    cp_size, data_parallel, per_device = 2, 2, 2
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(cp_size * data_parallel)]
+    assert all(len(records) == STEPS for records in ranks)
+    # One copy of the gradients: DDP's buckets hold them once it has summed them.
+    assert all(m["gradients_in_ddp_buckets"] for rank in ranks for m in rank)
+    # Ranks r * cp_size ... (r + 1) * cp_size - 1 form data-parallel group r: the ranks of a group get the same
+    # samples, the groups different ones.
+    groups = [ranks[g * cp_size:(g + 1) * cp_size] for g in range(data_parallel)]
+    for group in groups:
+        for rank in group[1:]:
+            assert [m["labels"] for m in rank] == [m["labels"] for m in group[0]]
+    samples = [tuple(sample) for group in groups for m in group[0] for sample in m["labels"]]
+    assert len(samples) == data_parallel * STEPS * per_device
+    assert len(set(samples)) == len(samples)  # no sample twice, within a step or across steps
+    # The token count that normalizes a step's loss counts every sample once, not once per CP rank (transformers 5
+    # counts the targets of the shifted labels, 4.51 the labels themselves).
+    shifted = version.parse(transformers.__version__) >= version.parse("5.0.0")
+    for step in range(STEPS):
+        micro_batches = [m for group in groups for m in group[0] if m["step"] == step]
+        targets = [sample[1:] if shifted else sample for m in micro_batches for sample in m["labels"]]
+        expected = sum(t != -100 for sample in targets for t in sample)
+        assert {m["num_items_in_batch"] for rank in ranks for m in rank if m["step"] == step} == {expected}
 
 
 def test_cp_run_with_the_memory_options_matches_the_baseline(baseline, tmp_path):

@@ -31,7 +31,7 @@ from run_guards import ACCELERATE_RESUMES_FSDP2_OPTIMIZER, USER_ERROR_EXIT, User
 from runs import run_origin_main, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
-SAVE_STEPS = 5
+SAVE_STEPS = 3
 MEMORY_OPTIONS = ["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"offload": true}',
                   "--tiled_mlp_tokens", "37"]
 fsdp_runs = pytest.mark.skipif(version.parse(transformers.__version__).major < 5,
@@ -110,9 +110,9 @@ def test_cp2_x_dp2_under_fsdp_with_document_masking_matches_the_baseline(baselin
 @fsdp_runs
 def test_sharded_checkpoint_resumes_at_cp3_with_offload_and_the_memory_options(cp2_run, baseline, fsdp_baseline,
                                                                                tmp_path):
-    """The CP 2 run's checkpoint at step 5, resumed by 3 processes at CP 3 (torch.distributed.checkpoint reshards the
-    weights and the optimizer state), with FSDP2's parameter and optimizer offload and the memory options: steps 6
-    to 10 and the final weights as the baselines'."""
+    """The CP 2 run's checkpoint at step 3, resumed by 3 processes at CP 3 (torch.distributed.checkpoint reshards the
+    weights and the optimizer state), with FSDP2's parameter and optimizer offload and the memory options: steps 4
+    to 6 and the final weights as the baselines'."""
     output_dir, _ = cp2_run
     checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
     run = launch_fsdp("run_magi_clm.sh", tmp_path / "run", nproc=3, cp_size=3, offload=True,

@@ -211,11 +211,11 @@ def test_an_incomplete_checkpoint_is_named_and_never_advised(cp_run, tmp_path, m
 
 
 def test_own_text_trains_with_the_default_tokenizer_from_another_folder(tmp_path):
-    # The README's own-data command, run from the user's folder with paths relative to it: no model and no
-    # tokenizer given.
+    # The README's own-data command (with either launcher: they take paths alike), run from the user's folder with
+    # paths relative to it: no model and no tokenizer given.
     train_file, _, tokenizer = embedded_default.prepare_default_corpus()
     (tmp_path / "small.txt").write_text(open(train_file).read()[:20000])
-    run = train("run_magi_clm.sh", "own", "--train_file", "small.txt", "--validation_file", "small.txt",
+    run = train("run_origin_clm.sh", "own", "--train_file", "small.txt", "--validation_file", "small.txt",
                 cwd=tmp_path, env={"MAX_STEPS": "2"})
     assert f"Starting a new run in {tmp_path}/own." in run["log"]
     assert f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer}." in run["log"]

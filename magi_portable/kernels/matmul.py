@@ -29,7 +29,7 @@ def _grouped_scores(q, k, scale, causal):
 def attend_block(q, k, v, scale, causal):
     """Exact attention of q [lq, hq, d] to k/v [lk, hkv, d]; causal is bottom-right aligned. Returns out like q and
     lse [lq, hq]."""
-    num_q, num_heads_kv = q.shape[0], k.shape[1]
+    num_q = q.shape[0]
     scores = _grouped_scores(q, k, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), rearrange(v, "lk hkv d -> hkv lk d"))
