@@ -98,7 +98,7 @@ BAD_INPUTS = [
      "--output_dir."),
 ]
 
-# What only run_magi_clm.py refuses: run as one process of --cp_size 1, as a cluster scheduler starts it (the
+# What only run_magi_clm.py refuses: run with --cp_size 1 in the test's process, as the one process of a job (the
 # launchers' jobs say such a line once: tests/test_launchers.py).
 CP_BAD_INPUTS = [
     ("cp_size that does not divide the processes", ["--cp_size", "3"], {},

@@ -124,7 +124,19 @@ def run_origin_main(monkeypatch, *args, env=None):
     diff does not touch them), without the seconds of starting processes."""
     import run_origin_clm
 
-    monkeypatch.setattr(sys, "argv", ["run_origin_clm.py", *args, "--use_cpu", "--report_to", "none"])
+    run_main_here(run_origin_clm, monkeypatch, args, env)
+
+
+def run_magi_main(monkeypatch, *args, env=None):
+    """run_magi_clm.py's main in this process, as the one process of a job (RANK 0): for its own checks before the
+    process group starts."""
+    import run_magi_clm
+
+    run_main_here(run_magi_clm, monkeypatch, args, {"RANK": "0", **(env or {})})
+
+
+def run_main_here(script, monkeypatch, args, env):
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *args, "--use_cpu", "--report_to", "none"])
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("GLOBAL_BATCH", raising=False)
@@ -134,7 +146,7 @@ def run_origin_main(monkeypatch, *args, env=None):
     # that later tests start would inherit.
     monkeypatch.setattr(os, "environ", os.environ.copy())
     try:
-        run_origin_clm.main()
+        script.main()
     except UserError:
         release_output_dir()  # as run_guards.run_main does
         raise

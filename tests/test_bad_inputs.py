@@ -1,6 +1,6 @@
 """Bad input stops a run before any work with one line that names the problem and the fix, and exit code 2
-(tests/bad_inputs.py lists them): the checks both scripts share in this process, the CP script's in one process
-started as a cluster scheduler starts it; ranks that meet a bad input alone say so too. (Through the launchers, a job
+(tests/bad_inputs.py lists them), checked in this process: the checks both scripts share with run_origin_clm.py,
+the CP script's own with run_magi_clm.py. Ranks that meet a bad input alone say so too. (Through the launchers, a job
 says the line once, without a traceback or torchrun's report: tests/test_launchers.py.)"""
 
 import json
@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 import embedded_default
 from bad_inputs import BAD_INPUTS, CP_BAD_INPUTS
 from run_guards import USER_ERROR_EXIT, UserError
-from runs import fake_checkpoint, run_origin_main, run_ranks
+from runs import fake_checkpoint, run_magi_main, run_origin_main, run_ranks
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +73,15 @@ def test_bad_input_is_refused_before_any_work(data, tmp_path, monkeypatch, extra
 
 
 @pytest.mark.parametrize("extra, env, message", [c[1:] for c in CP_BAD_INPUTS], ids=[c[0] for c in CP_BAD_INPUTS])
-def test_a_bad_input_of_the_cp_script_is_refused_before_any_work(data, tmp_path, extra, env, message):
+def test_a_bad_input_of_the_cp_script_is_refused_before_any_work(data, tmp_path, monkeypatch, extra, env, message):
     tmp, tokenizer = data
     good = ["--cp_size", "1", "--tokenizer_name", tokenizer, "--train_file", f"{tmp}/small.txt",
             "--validation_file", f"{tmp}/small.txt", "--block_size", "64", "--output_dir", str(tmp_path / "out"),
-            "--do_train", "--use_cpu", "--ddp_backend", "gloo", "--report_to", "none"]
-    [(output, returncode)] = run_ranks([*good, *[a.format(tmp=tmp) for a in extra]], world_size=1, env=env)
-    assert returncode == USER_ERROR_EXIT, output[-3000:]
-    assert output.strip().splitlines()[-1] == f"run_magi_clm.py: error: {expected(message, tmp)}", output[-3000:]
-    assert "Traceback" not in output and "Running training" not in output
+            "--do_train"]
+    with pytest.raises(UserError) as error:
+        run_magi_main(monkeypatch, *good, *[a.format(tmp=tmp) for a in extra], env=env)
+    assert str(error.value) == expected(message, tmp)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
 def test_a_rank_that_meets_a_bad_input_alone_says_so(data, tmp_path):
