@@ -61,8 +61,8 @@ def check_supported_versions():
     raise UserError(f"{installed} is not supported: the context-parallel overrides are written for {stacks}.")
 
 
-# Where the two supported stacks differ: the model's mask and the names accelerate reads in a device mesh (where
-# they read the FSDP version and resume FSDP2's optimizer state: run_guards.py).
+# Where the two supported stacks differ: the model's mask and the names accelerate reads in a device mesh (and, for
+# both scripts, FSDP's version and resume: run_guards.py).
 # transformers 4.51 builds the mask in each model's `_update_causal_mask`; transformers 5 in masking_utils, which
 # builds none for an attention function that is not registered with its AttentionMaskInterface (ours is not).
 MODEL_BUILDS_ITS_OWN_MASK = version.parse(transformers.__version__) < version.parse("5.0.0")

@@ -1,7 +1,9 @@
 """The launchers: settings they refuse before starting anything, the global batch they keep whatever the spelling of
-an argument, one line for a bad input, and ranks that stop when the launcher is killed."""
+an argument, one line for a bad input and for a full disk, paths taken from the folder they are run from, and ranks
+that stop when the launcher is killed."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,7 +14,7 @@ import torch
 
 import embedded_default
 from bad_inputs import LAUNCHER_BAD_SETTINGS
-from runs import ENV, REPO, error_lines, launch
+from runs import ENV, REPO, RUN_ARGS, error_lines, launch, small_disk, train
 
 SCRIPTS = ["run_magi_clm.sh", "run_origin_clm.sh"]
 
@@ -88,3 +90,29 @@ def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
         assert not (tmp_path / "out" / "all_results.json").exists()
     finally:
         launcher.kill()
+
+
+def test_own_text_trains_with_the_default_tokenizer_from_another_folder(tmp_path):
+    # The README's own-data command (with either launcher: they take paths alike), run from the user's folder with
+    # paths relative to it: no model and no tokenizer given.
+    train_file, _, tokenizer = embedded_default.prepare_default_corpus()
+    (tmp_path / "small.txt").write_text(open(train_file).read()[:20000])
+    run = train("run_origin_clm.sh", "own", "--train_file", "small.txt", "--validation_file", "small.txt",
+                cwd=tmp_path, env={"MAX_STEPS": "2"})
+    assert f"Starting a new run in {tmp_path}/own." in run["log"]
+    assert f"No model or tokenizer given: using the embedded default's tokenizer, {tokenizer}." in run["log"]
+    assert "No dataset given" not in run["log"]
+    assert "Num examples = 24" in run["log"]  # the blocks of small.txt, not the thousands of the default corpus
+
+
+def test_a_full_disk_while_saving_is_said_once(tmp_path):
+    # Room for the checkpoint at step 5 (22 MB) and not for the one at step 10.
+    with small_disk(tmp_path / "disk", "30m") as disk:
+        result = launch("run_magi_clm.sh", disk / "run", *RUN_ARGS)
+        assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+        [line] = error_lines(result)
+        assert re.fullmatch(
+            rf"run_magi_clm\.py: error: The disk of {disk}/run is full \(\d+ bytes free\) while writing checkpoint-10: "
+            rf"the last complete checkpoint is {disk}/run/checkpoint-5: make room, then resume from it "
+            r"\(--resume_from_checkpoint\)\.", line), line
+        assert "Traceback" not in result.stdout + result.stderr
