@@ -62,6 +62,7 @@ def baseline_run(tmp_path_factory):
 def test_cp_run_trains_like_the_baseline(cp_run, baseline_run):
     # The launchers' default CP 2 against the baseline, to tests/test_cp_exactness.py's tolerances.
     (_, cp), (_, baseline) = cp_run, baseline_run
+    assert cp["steps"].keys() == baseline["steps"].keys() == set(range(1, STEPS + 1))
     for step, entry in baseline["steps"].items():
         assert abs(cp["steps"][step]["loss"] - entry["loss"]) <= 1e-4, step
     for name, reference in baseline["weights"].items():
