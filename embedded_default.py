@@ -89,33 +89,29 @@ def prepare_default_corpus(data_dir=Path(__file__).parent / "data"):
     corpus_dir = Path(data_dir) / "shakespeare"
     corpus_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(corpus_dir / ".lock"):  # one build at a time: runs started together wait for the first
-        return _prepare_corpus(Path(data_dir), corpus_dir)
+        train_file, validation_file = corpus_dir / "train.txt", corpus_dir / "validation.txt"
+        tokenizer_dir = corpus_dir / "tokenizer"
+        manifest_file = corpus_dir / "manifest.json"
 
+        expected = {"train.txt": TRAIN_SHA256, "validation.txt": VALIDATION_SHA256}
+        if not all((corpus_dir / name).exists() and sha256(corpus_dir / name) == h for name, h in expected.items()):
+            archive = _download_corpus_archive(Path(data_dir))
+            _split_corpus(archive, train_file, validation_file)
+            for name, h in expected.items():
+                if sha256(corpus_dir / name) != h:
+                    raise RuntimeError(f"{corpus_dir / name} does not have the expected sha256 {h}.")
 
-def _prepare_corpus(data_dir, corpus_dir):
-    train_file, validation_file = corpus_dir / "train.txt", corpus_dir / "validation.txt"
-    tokenizer_dir = corpus_dir / "tokenizer"
-    manifest_file = corpus_dir / "manifest.json"
-
-    expected = {"train.txt": TRAIN_SHA256, "validation.txt": VALIDATION_SHA256}
-    if not all((corpus_dir / name).exists() and sha256(corpus_dir / name) == h for name, h in expected.items()):
-        archive = _download_corpus_archive(data_dir)
-        _split_corpus(archive, train_file, validation_file)
-        for name, h in expected.items():
-            if sha256(corpus_dir / name) != h:
-                raise RuntimeError(f"{corpus_dir / name} does not have the expected sha256 {h}.")
-
-    # The tokenizer is rebuilt when the corpus changed or a file of it is missing or changed.
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
-    if manifest.get("train.txt") != TRAIN_SHA256 or not all(
-        (tokenizer_dir / name).exists() and sha256(tokenizer_dir / name) == manifest.get(name)
-        for name in tokenizer_files
-    ):
-        _train_tokenizer(train_file, tokenizer_dir)
-        manifest = {**expected, **{name: sha256(tokenizer_dir / name) for name in tokenizer_files}}
-        manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
-    return str(train_file), str(validation_file), str(tokenizer_dir)
+        # The tokenizer is rebuilt when the corpus changed or a file of it is missing or changed.
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+        if manifest.get("train.txt") != TRAIN_SHA256 or not all(
+            (tokenizer_dir / name).exists() and sha256(tokenizer_dir / name) == manifest.get(name)
+            for name in tokenizer_files
+        ):
+            _train_tokenizer(train_file, tokenizer_dir)
+            manifest = {**expected, **{name: sha256(tokenizer_dir / name) for name in tokenizer_files}}
+            manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+        return str(train_file), str(validation_file), str(tokenizer_dir)
 
 
 def small_llama_config(tokenizer):
