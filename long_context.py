@@ -152,8 +152,7 @@ class KeepAttentionOutputs:
             return contextlib.nullcontext(), contextlib.nullcontext()
         self.layers_left -= 1
         if self.offload:
-            hooks = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-            pack, unpack = hooks.pack_hook, hooks.unpack_hook
+            pack, unpack = copy_to_cpu_as_laid_out, copy_back
         else:
             pack = unpack = lambda tensor: tensor
         kept = []
@@ -175,6 +174,21 @@ class KeepAttentionOutputs:
         logger.info(f"Gradient checkpointing kept {sum(self.bytes_kept) / 2**20:.1f} MiB of attention outputs"
                     f"{' in CPU memory' if self.offload else ''} in this forward: {len(self.bytes_kept)} layers, "
                     f"{max(self.bytes_kept) / 2**20:.1f} MiB each.")
+
+
+def copy_to_cpu_as_laid_out(tensor):
+    """A copy in (pinned) CPU memory with the tensor's own strides. save_on_cpu's copies are contiguous, and the
+    backward of cuDNN's attention computes wrong gradients from an output laid out otherwise than its forward gave it
+    (SDPA's out is [batch, heads, tokens, d] over memory in [batch, tokens, heads, d] order)."""
+    copy = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu",
+                               pin_memory=torch.cuda.is_available())
+    copy.copy_(tensor, non_blocking=copy.is_pinned())  # the copy back waits for it: same stream
+    return tensor.device, copy
+
+
+def copy_back(packed):
+    device, copy = packed
+    return copy.to(device, non_blocking=copy.is_pinned())  # .to keeps the strides of a dense tensor
 
 
 class _KernelOutputsMode(TorchDispatchMode):

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
+import long_context
 from long_context import TiledMLP, enable_memory_options
 
 LAYERS, HIDDEN, TOKENS, BATCH, HEADS, STEPS = 2, 32, 48, 2, 4, 3
@@ -64,13 +65,18 @@ def assert_same(run, reference):
 @pytest.fixture
 def saved_on_cpu(monkeypatch):
     """Stands in for torch's save_on_cpu (which on a CPU machine has no device to leave) and records the shapes of the
-    tensors saved under it."""
+    tensors saved under it, and of the kept attention outputs copied to CPU memory."""
     shapes = []
 
     def recording_save_on_cpu(*args, **kwargs):
         return torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t)
 
+    def recording_copy_to_cpu(tensor, copy_to_cpu=long_context.copy_to_cpu_as_laid_out):
+        shapes.append(tuple(tensor.shape))
+        return copy_to_cpu(tensor)
+
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", recording_save_on_cpu)
+    monkeypatch.setattr(long_context, "copy_to_cpu_as_laid_out", recording_copy_to_cpu)
     return shapes
 
 
@@ -108,6 +114,21 @@ def test_kept_attention_outputs_spare_the_recomputation_the_kernel_and_train_ali
     assert saved_on_cpu.count((BATCH, HEADS, TOKENS, HIDDEN // HEADS)) == LAYERS * STEPS
     assert saved_on_cpu.count((BATCH, HEADS, TOKENS)) == LAYERS * STEPS
     assert_same(offloaded, reference)
+
+
+def test_offloaded_attention_outputs_come_back_as_the_kernel_laid_them_out():
+    # SDPA's out is [batch, heads, tokens, d] over memory in [batch, tokens, heads, d] order; cuDNN's backward computes
+    # wrong gradients from a contiguous copy of it (found on an H200), so the copy in CPU memory keeps the strides.
+    keep_side, reuse_side = long_context.KeepAttentionOutputs(1, offload=True)()
+    q = torch.randn(1, TOKENS, HEADS, 8).transpose(1, 2)
+    with keep_side:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True)
+    with reuse_side:
+        kept_out, kept_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True)
+    assert not out.is_contiguous()
+    for kept, computed in ((kept_out, out), (kept_lse, lse)):
+        assert kept.stride() == computed.stride() and torch.equal(kept, computed)
+        assert kept.data_ptr() != computed.data_ptr()  # a copy, not the forward's tensor
 
 
 def test_keeping_attention_outputs_says_when_there_is_no_kernel_to_keep(tmp_path, caplog):
