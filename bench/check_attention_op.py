@@ -14,8 +14,9 @@ sample and on causal documents of mixed lengths:
    (flash_attn_varlen_func) on the same query ranges and key copies, the code path the operator replaces: the same
    out and lse to the bit, and the same gradients up to the order in which shared keys' gradients add up (1e-3).
 2. A checkpointed layer (projections, calc_attn, output projection) with KeepAttentionOutputs against without: the
-   attention operators run half as often (for flex as often: its outputs cannot be kept), and the gradients are the
-   same to the bit, with the kept outputs on the GPU and offloaded to CPU memory.
+   attention operators run half as often, and the gradients are the same to the bit (fa4: within twice what two runs
+   without differ by, its backward adding up dq in no fixed order), with the kept outputs on the GPU and offloaded to
+   CPU memory. Not for flex, whose outputs cannot be kept.
 Prints one line per check and exits non-zero if one fails.
 """
 
@@ -61,10 +62,14 @@ def reference_attention(q, k, v, lengths):
 
 
 def global_outputs(attend, inputs, grad_out, grad_lse):
-    """out, lse and the gradients of q, k, v (all global) of attend(q, k, v) -> (out, lse), by autograd."""
+    """out, lse and the gradients of q, k, v (all global) of attend(q, k, v) -> (out, lse), by autograd (through lse
+    too unless grad_lse is None)."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out, lse = attend(*inputs)
-    ((out.float() * grad_out).sum() + (lse.float() * grad_lse).sum()).backward()
+    loss = (out.float() * grad_out).sum()
+    if grad_lse is not None:
+        loss = loss + (lse.float() * grad_lse).sum()
+    loss.backward()
     return [out.detach().float(), lse.detach().float()] + [t.grad.float() for t in inputs]
 
 
@@ -153,7 +158,8 @@ def check_kept_outputs(kernel, case, key, x, weights):
         return out.flatten(1) @ w_o
 
     results = {}
-    for name, context_fn in [("recomputed", None), ("kept", KeepAttentionOutputs(math.inf, offload=False)),
+    for name, context_fn in [("recomputed", None), ("recomputed again", None),
+                             ("kept", KeepAttentionOutputs(math.inf, offload=False)),
                              ("kept, offloaded", KeepAttentionOutputs(math.inf, offload=True))]:
         inputs = [t.detach().clone().requires_grad_() for t in (x, *weights)]
         counter = CountAttentionOps()
@@ -161,19 +167,20 @@ def check_kept_outputs(kernel, case, key, x, weights):
         with counter:
             out = checkpoint(layer, *inputs, use_reentrant=False, **kwargs)
             out.float().square().sum().backward()
-        results[name] = (counter.runs, [out.detach()] + [t.grad for t in inputs])
+        results[name] = (counter.runs, [out.detach().float()] + [t.grad.float() for t in inputs])
     runs, reference = results["recomputed"]
-    ok, lines = True, []
+    # FlashAttention-4's backward adds up dq in no fixed order: where two runs of the same layer differ, the kept
+    # outputs' gradients may differ by as much (twice that, or 1e-3), elsewhere they must be identical.
+    noise = max(errors(results["recomputed again"][1], reference, ["out"] + ["grad"] * 5))
+    bound = max(2 * noise, 1e-3) if noise > 0 else 0.0
+    ok, lines = True, [f"two runs without: gradients {'identical' if noise == 0 else f'differ by {noise:.1e}'}"]
     for name in ("kept", "kept, offloaded"):
         kept_runs, outputs = results[name]
-        same = all(torch.equal(a, b) for a, b in zip(outputs, reference))
-        expected_runs = runs if kernel == "flex" else runs // 2
-        ok = ok and same and kept_runs == expected_runs and (kernel == "flex" or runs > 0)
+        difference = max(errors(outputs, reference, ["out"] + ["grad"] * 5))
+        ok = ok and difference <= bound and kept_runs == runs // 2 and runs > 0
         lines.append(f"{name}: {kept_runs} runs of attention operators (without: {runs}), gradients "
-                     f"{'identical' if same else 'DIFFERENT'}")
-    note = " (flex: its outputs cannot be kept)" if kernel == "flex" else ""
-    log(f"{'ok  ' if ok else 'FAIL'} {kernel:5s} {case}, CP {key.cp_size}: checkpointed layer{note}: "
-        + "; ".join(lines))
+                     + ("identical" if difference == 0 else f"differ by {difference:.1e}"))
+    log(f"{'ok  ' if ok else 'FAIL'} {kernel:5s} {case}, CP {key.cp_size}: checkpointed layer: " + "; ".join(lines))
     return ok
 
 
@@ -202,7 +209,7 @@ def main():
                 grad_out = torch.randn(total, HEADS_Q, HEAD_DIM, device=device, generator=gen)
                 grad_lse = torch.randn(total, HEADS_Q, device=device, generator=gen)
                 if kernel == "sdpa":
-                    grad_lse.zero_()  # SDPA's kernels give their lse no gradient
+                    grad_lse = None  # SDPA's kernels give their lse no gradient
                 ok = check_against_references(kernel, case, key, inputs, grad_out, grad_lse, lengths)
                 hidden = 512
                 x = magi.dispatch(torch.randn(total, hidden, device=device, dtype=torch.bfloat16, generator=gen), key)
@@ -210,7 +217,8 @@ def main():
                            / hidden**0.5 for heads in (HEADS_Q, HEADS_KV, HEADS_KV)]
                 weights.append(torch.randn(HEADS_Q * HEAD_DIM, hidden, device=device, dtype=torch.bfloat16,
                                            generator=gen) / (HEADS_Q * HEAD_DIM) ** 0.5)
-                ok = check_kept_outputs(kernel, case, key, x, weights) and ok
+                if kernel != "flex":  # its outputs cannot be kept (and it is an operator a dispatch mode cannot count)
+                    ok = check_kept_outputs(kernel, case, key, x, weights) and ok
             except Exception:
                 traceback.print_exc()
                 log(f"FAIL {kernel:5s} {case}, CP {cp_size}: raised (above)")

@@ -53,6 +53,7 @@ class StepTimer(TrainerCallback):
     def __init__(self, profile_step):
         self.first_step_begin, self.step_ends, self.losses = None, [], []
         self.profile_step, self.profiler = profile_step, None
+        self.untimed_s = 0.0  # the profile's table is built between two steps: left out of the timeline
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model_class = type(model).__name__  # FSDP2 names its wrapped classes FSDP<class>
@@ -68,12 +69,14 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         torch.cuda.synchronize()
-        self.step_ends.append(time.perf_counter())
+        self.step_ends.append(time.perf_counter() - self.untimed_s)
         if self.profiler is not None:
+            table_begin = time.perf_counter()
             self.profiler.stop()
             print(f"PROFILE of step {state.global_step}, GPU kernels by total time:\n" + self.profiler.key_averages().table(
                 sort_by="self_device_time_total", row_limit=25, max_name_column_width=70), flush=True)
             self.profiler = None
+            self.untimed_s += time.perf_counter() - table_begin
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
