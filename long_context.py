@@ -21,6 +21,8 @@ import logging
 import math
 
 import torch
+import transformers
+from packaging import version
 from torch.utils._python_dispatch import TorchDispatchMode  # no public module has it; torch's own SAC uses it
 from transformers import TrainerCallback
 
@@ -39,6 +41,19 @@ def check_memory_options(args, tiled_mlp_tokens):
         raise UserError(
             'gradient_checkpointing_kwargs {"offload": true} keeps the checkpointed layer inputs in CPU memory, and '
             "there are none without gradient checkpointing: add --gradient_checkpointing, or drop the offload."
+        )
+    every_n_layers = checkpoint_kwargs.get("every_n_layers", 1)
+    if every_n_layers != 1 and checkpoint_kwargs.get("offload", False):
+        raise UserError(
+            'gradient_checkpointing_kwargs "every_n_layers" with {"offload": true} would send all the activations of '
+            "the layers left without checkpointing to CPU memory (the offload here takes what the whole decoder keeps "
+            "for the backward): drop one of the two."
+        )
+    if every_n_layers != 1 and version.parse(transformers.__version__).major < 5:
+        raise UserError(
+            f'gradient_checkpointing_kwargs "every_n_layers" is an option of transformers 5, and transformers '
+            f"{transformers.__version__} would hand it to torch's checkpoint, which fails on it: drop it, or use "
+            "transformers 5 (requirements-current.txt)."
         )
     if tiled_mlp_tokens is not None and tiled_mlp_tokens <= 0:
         raise UserError(

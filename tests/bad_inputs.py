@@ -32,6 +32,11 @@ BAD_INPUTS = [
     ("the offload without gradient checkpointing", ["--gradient_checkpointing_kwargs", '{{"offload": true}}'], {},
      'gradient_checkpointing_kwargs {{"offload": true}} keeps the checkpointed layer inputs in CPU memory, and there '
      "are none without gradient checkpointing: add --gradient_checkpointing, or drop the offload."),
+    ("transformers 5's every_n_layers with the offload",
+     ["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{{"every_n_layers": 2, "offload": true}}'], {},
+     'gradient_checkpointing_kwargs "every_n_layers" with {{"offload": true}} would send all the activations of the '
+     "layers left without checkpointing to CPU memory (the offload here takes what the whole decoder keeps for the "
+     "backward): drop one of the two."),
     ("a tokenizer folder that does not exist", ["--tokenizer_name", "{tmp}/no_such_tokenizer"], {},
      "--tokenizer_name {tmp}/no_such_tokenizer: there is no such folder: give the path of an existing one."),
     ("a tokenizer folder that does not exist, as a relative path", ["--tokenizer_name", "no_such_tokenizer"], {},

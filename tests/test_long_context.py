@@ -9,6 +9,8 @@ import logging
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
@@ -178,3 +180,9 @@ def test_bad_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match='needs the non-reentrant checkpoint: drop "use_reentrant": true'):
         train(tmp_path / "e", gradient_checkpointing=True,
               gradient_checkpointing_kwargs={"keep_attention_outputs": 1, "use_reentrant": True})
+
+
+@pytest.mark.skipif(version.parse(transformers.__version__).major >= 5, reason="transformers 5 has it")
+def test_every_n_layers_is_refused_before_transformers_5(tmp_path):
+    with pytest.raises(ValueError, match='"every_n_layers" is an option of transformers 5'):
+        train(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"every_n_layers": 2})
