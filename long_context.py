@@ -49,7 +49,7 @@ def check_memory_options(args, tiled_mlp_tokens):
             "the layers left without checkpointing to CPU memory (the offload here takes what the whole decoder keeps "
             "for the backward): drop one of the two."
         )
-    if every_n_layers != 1 and version.parse(transformers.__version__).major < 5:
+    if "every_n_layers" in checkpoint_kwargs and version.parse(transformers.__version__).major < 5:
         raise UserError(
             f'gradient_checkpointing_kwargs "every_n_layers" is an option of transformers 5, and transformers '
             f"{transformers.__version__} would hand it to torch's checkpoint, which fails on it: drop it, or use "

@@ -184,5 +184,7 @@ def test_bad_options_are_refused(tmp_path):
 
 @pytest.mark.skipif(version.parse(transformers.__version__).major >= 5, reason="transformers 5 has it")
 def test_every_n_layers_is_refused_before_transformers_5(tmp_path):
-    with pytest.raises(ValueError, match='"every_n_layers" is an option of transformers 5'):
-        train(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"every_n_layers": 2})
+    for every_n_layers in (2, 1):  # 1 too: the key itself is what torch's checkpoint fails on
+        with pytest.raises(ValueError, match='"every_n_layers" is an option of transformers 5'):
+            train(tmp_path, gradient_checkpointing=True,
+                  gradient_checkpointing_kwargs={"every_n_layers": every_n_layers})
