@@ -14,9 +14,9 @@ sample and on causal documents of mixed lengths:
    (flash_attn_varlen_func) on the same query ranges and key copies, the code path the operator replaces: the same
    out and lse to the bit, and the same gradients up to the order in which shared keys' gradients add up (1e-3).
 2. A checkpointed layer (projections, calc_attn, output projection) with KeepAttentionOutputs against without: the
-   attention operators run half as often, and the gradients are the same to the bit (fa4: within twice what two runs
-   without differ by, its backward adding up dq in no fixed order), with the kept outputs on the GPU and offloaded to
-   CPU memory. Not for flex, whose outputs cannot be kept.
+   attention operators run half as often, and the gradients are the same up to float32 rounding, 1e-5 (fa4: within
+   twice what two runs without differ by, its backward adding up dq in no fixed order), with the kept outputs on the
+   GPU and offloaded to CPU memory. Not for flex, whose outputs cannot be kept.
 Prints one line per check and exits non-zero if one fails.
 """
 
@@ -174,9 +174,11 @@ def check_kept_outputs(kernel, case, key, x, weights):
         return max(((a - b).norm() / b.norm()).item() for a, b in zip(outputs, reference))
 
     # FlashAttention-4's backward adds up dq in no fixed order: where two runs of the same layer differ, the kept
-    # outputs' gradients may differ by as much (twice that, or 1e-3), elsewhere they must be identical.
+    # outputs' gradients may differ by as much (twice that, or 1e-3). Elsewhere they differ by float32 rounding at
+    # most (1e-5: cuDNN's backward on the offloaded outputs, copied back to other addresses, 1.6e-7 on an H200), where
+    # a wrong layout gives O(1).
     noise = largest_difference(results["recomputed again"][1])
-    bound = max(2 * noise, 1e-3) if noise > 0 else 0.0
+    bound = max(2 * noise, 1e-3) if noise > 0 else 1e-5
     ok, lines = True, [f"two runs without: gradients {'identical' if noise == 0 else f'differ by {noise:.1e}'}"]
     for name in ("kept", "kept, offloaded"):
         kept_runs, outputs = results[name]
