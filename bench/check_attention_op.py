@@ -16,7 +16,8 @@ sample and on causal documents of mixed lengths:
 2. A checkpointed layer (projections, calc_attn, output projection) with KeepAttentionOutputs against without: the
    attention operators run half as often, and the gradients are the same up to float32 rounding, 1e-5 (fa4: within
    twice what two runs without differ by, its backward adding up dq in no fixed order), with the kept outputs on the
-   GPU and offloaded to CPU memory. Not for flex, whose outputs cannot be kept.
+   GPU and offloaded to CPU memory (CPUOffload, its copies on a stream of their own). Not for flex, whose outputs
+   cannot be kept.
 Prints one line per check and exits non-zero if one fails.
 """
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import magi_portable as magi  # noqa: E402
 from magi_portable.collectives import GatherKV  # noqa: E402
 from magi_portable.kernels import fa4  # noqa: E402
-from long_context import ATTENTION_OPS, KeepAttentionOutputs  # noqa: E402
+from long_context import ATTENTION_OPS, CPUOffload, KeepAttentionOutputs  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 CASES = {"causal 4096": [4096], "documents 4100": [700, 1500, 33, 1867]}  # 4100: a pad tail at every CP size
@@ -158,14 +159,22 @@ def check_kept_outputs(kernel, case, key, x, weights):
         return out.flatten(1) @ w_o
 
     results = {}
+    offload = CPUOffload(num_layers=1)
     for name, context_fn in [("recomputed", None), ("recomputed again", None),
-                             ("kept", KeepAttentionOutputs(math.inf, offload=False)),
-                             ("kept, offloaded", KeepAttentionOutputs(math.inf, offload=True))]:
+                             ("kept", KeepAttentionOutputs(math.inf, offload=None)),
+                             ("kept, offloaded", KeepAttentionOutputs(math.inf, offload=offload))]:
         inputs = [t.detach().clone().requires_grad_() for t in (x, *weights)]
         counter = CountAttentionOps()
         kwargs = {} if context_fn is None else {"context_fn": context_fn}
         with counter:
-            out = checkpoint(layer, *inputs, use_reentrant=False, **kwargs)
+            if context_fn is not None and context_fn.offload is not None:
+                # As offload_decoder_saved_tensors runs a decoder: the layer's inputs go to CPU memory too.
+                offload.start_forward()
+                with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
+                    out = checkpoint(layer, *inputs, use_reentrant=False, **kwargs)
+                offload.end_forward()
+            else:
+                out = checkpoint(layer, *inputs, use_reentrant=False, **kwargs)
             out.float().square().sum().backward()
         results[name] = (counter.runs, [out.detach().float()] + [t.grad.float() for t in inputs])
     runs, reference = results["recomputed"]

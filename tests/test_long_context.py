@@ -6,6 +6,7 @@ keeps calc_attn's outputs.)"""
 
 import contextlib
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,30 +67,44 @@ def assert_same(run, reference):
 
 @pytest.fixture
 def saved_on_cpu(monkeypatch):
-    """Stands in for torch's save_on_cpu (which on a CPU machine has no device to leave) and records the shapes of the
-    tensors saved under it, and of the kept attention outputs copied to CPU memory."""
-    shapes = []
+    """Records the shapes of the tensors that CPUOffload copies to CPU memory (the layer inputs, the kept attention
+    outputs); for each one the backward takes, whether it was copied back before the backward asked for it, and how
+    much is then on its way back (in layers' shares of what the forward saved)."""
+    saved = SimpleNamespace(shapes=[], came_back_ahead=[], layers_ahead=[])
+    pack, unpack = long_context.CPUOffload.pack, long_context.CPUOffload.unpack
 
-    def recording_save_on_cpu(*args, **kwargs):
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t)
+    def recording_pack(self, tensor):
+        saved.shapes.append(tuple(tensor.shape))
+        return pack(self, tensor)
 
-    def recording_copy_to_cpu(tensor, copy_to_cpu=long_context.copy_to_cpu_as_laid_out):
-        shapes.append(tuple(tensor.shape))
-        return copy_to_cpu(tensor)
+    def recording_unpack(self, copy):
+        saved.came_back_ahead.append(copy.on_device is not None)
+        tensor = unpack(self, copy)
+        saved.layers_ahead.append(self.bytes_ahead / self.layer_share)
+        return tensor
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", recording_save_on_cpu)
-    monkeypatch.setattr(long_context, "copy_to_cpu_as_laid_out", recording_copy_to_cpu)
-    return shapes
+    monkeypatch.setattr(long_context.CPUOffload, "pack", recording_pack)
+    monkeypatch.setattr(long_context.CPUOffload, "unpack", recording_unpack)
+    return saved
+
+
+def assert_copied_back_ahead(saved):
+    """Each backward asks for its first copy before any is on its way back; every other one has come back ahead of
+    the backward's need (on a GPU, beside the computation), and no more than about a layer's share is ahead."""
+    per_step = len(saved.came_back_ahead) // STEPS
+    assert saved.came_back_ahead == ([False] + [True] * (per_step - 1)) * STEPS
+    assert 0 < max(saved.layers_ahead) < 1.5
 
 
 def test_offloading_the_checkpointed_layer_inputs_trains_alike(tmp_path, saved_on_cpu):
     reference = train(tmp_path / "reference", gradient_checkpointing=True)
-    assert saved_on_cpu == []
+    assert saved_on_cpu.shapes == []
     offloaded = train(tmp_path / "offload", gradient_checkpointing=True,
                       gradient_checkpointing_kwargs={"offload": True})
     # Every layer's input went through the offload, every step; nothing of the size of the MLP's activations did.
-    assert saved_on_cpu.count((BATCH, TOKENS, HIDDEN)) >= LAYERS * 3
-    assert max(s[-1] for s in saved_on_cpu if len(s) == 3) == HIDDEN
+    assert saved_on_cpu.shapes.count((BATCH, TOKENS, HIDDEN)) >= LAYERS * 3
+    assert max(s[-1] for s in saved_on_cpu.shapes if len(s) == 3) == HIDDEN
+    assert_copied_back_ahead(saved_on_cpu)
     assert_same(offloaded, reference)
 
 
@@ -110,18 +125,19 @@ def test_kept_attention_outputs_spare_the_recomputation_the_kernel_and_train_ali
             assert torch.equal(kept[1][name], param), name
     # With the offload, the kept outputs wait in CPU memory as the layer inputs do: SDPA's out is [batch, heads,
     # tokens, head_dim], its lse [batch, heads, tokens].
-    assert saved_on_cpu == []
+    assert saved_on_cpu.shapes == []
     offloaded = train(tmp_path / "offload", gradient_checkpointing=True,
                       gradient_checkpointing_kwargs={"offload": True, "keep_attention_outputs": True})
-    assert saved_on_cpu.count((BATCH, HEADS, TOKENS, HIDDEN // HEADS)) == LAYERS * STEPS
-    assert saved_on_cpu.count((BATCH, HEADS, TOKENS)) == LAYERS * STEPS
+    assert saved_on_cpu.shapes.count((BATCH, HEADS, TOKENS, HIDDEN // HEADS)) == LAYERS * STEPS
+    assert saved_on_cpu.shapes.count((BATCH, HEADS, TOKENS)) == LAYERS * STEPS
+    assert_copied_back_ahead(saved_on_cpu)
     assert_same(offloaded, reference)
 
 
 def test_offloaded_attention_outputs_come_back_as_the_kernel_laid_them_out():
     # SDPA's out is [batch, heads, tokens, d] over memory in [batch, tokens, heads, d] order; cuDNN's backward computes
     # wrong gradients from a contiguous copy of it (found on an H200), so the copy in CPU memory keeps the strides.
-    keep_side, reuse_side = long_context.KeepAttentionOutputs(1, offload=True)()
+    keep_side, reuse_side = long_context.KeepAttentionOutputs(1, offload=long_context.CPUOffload(1))()
     q = torch.randn(1, TOKENS, HEADS, 8).transpose(1, 2)
     with keep_side:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True)
