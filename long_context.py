@@ -124,8 +124,10 @@ class CPUOffload:
     """Tensors saved for the backward wait in (pinned) CPU memory: under gradient checkpointing each checkpointed
     layer's inputs and, with keep_attention_outputs, its kept attention outputs. On a GPU the copies run on a stream
     of their own, beside the computation (torch's save_on_cpu copies on the computation's stream: 6.7% of an 8B step
-    at 131072 tokens): each tensor goes out as it is saved, and comes back about one layer ahead of the backward's
-    need (the backward takes them in about the reverse order of the forward).
+    at 131072 tokens): each tensor goes out as it is saved, and comes back one tensor ahead of the backward's need.
+    The backward takes them in the same order every step (a layer's inputs, then its kept outputs, layer by layer
+    from the last; the final norm's in an order of its own): the first step guesses the reverse of the forward's
+    order and records the backward's, the steps after follow that record.
     No record_stream: a block so marked is not reused before the copy stream has passed it, and since the host
     queues work far ahead of the GPU, the allocator took 21 GiB more for an 8B step. Instead the computation's
     stream waits for a copy out before the tensor is let go, about a layer after it was saved, and a copy back is
@@ -136,7 +138,12 @@ class CPUOffload:
     def __init__(self, num_layers):
         self.num_layers = num_layers
         self.stream = None  # made at the first tensor saved on a GPU
-        self.layer_share = 0  # bytes a layer saved in the last forward: how much to hold or bring back ahead
+        # Of the last forward: the bytes a layer saved (how much to hold on its way out), the largest tensor saved
+        # (how much to bring back ahead).
+        self.layer_share = self.largest_saved = 0
+        self.saved = []  # this forward's copies in the order saved
+        self.taken = []  # their indices in the order the backward takes them
+        self.backward_order = None  # the last whole backward's
         self.not_yet_back, self.came_back_ahead = [], []
         self.going_out = []  # (tensor, its bytes, the copy stream's event after its copy out), oldest first
         self.bytes_saved = self.bytes_going_out = self.bytes_ahead = 0
@@ -154,15 +161,23 @@ class CPUOffload:
         for copy in self.came_back_ahead:
             if copy.device.type == "cuda":
                 torch.cuda.current_stream(copy.device).wait_event(copy.on_device[1])
-        self.not_yet_back, self.came_back_ahead = [], []  # this forward's copies in the order saved; those ahead
+        if self.saved and len(self.taken) == len(self.saved):
+            self.backward_order = self.taken
+        self.saved, self.taken, self.not_yet_back, self.came_back_ahead = [], [], [], []
         self.bytes_saved = self.bytes_ahead = 0
 
     def end_forward(self):
         self.let_go_of_copied_out(keep_bytes=0)
         self.layer_share = self.bytes_saved / self.num_layers
+        self.largest_saved = max((copy.cpu.nbytes for copy in self.saved), default=0)
+        # Last needed first. The recorded order holds if this forward saved as many tensors as the recorded one.
+        self.not_yet_back = list(self.saved)
+        if self.backward_order is not None and len(self.backward_order) == len(self.saved):
+            self.not_yet_back = [self.saved[index] for index in reversed(self.backward_order)]
 
     def pack(self, tensor):
-        copy = _CPUCopy(tensor.device, torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda))
+        copy = _CPUCopy(len(self.saved), tensor.device,
+                        torch.empty_like(tensor, device="cpu", pin_memory=tensor.is_cuda))
         if tensor.is_cuda:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(tensor.device)
@@ -174,7 +189,7 @@ class CPUOffload:
             self.let_go_of_copied_out(keep_bytes=self.layer_share)
         else:
             copy.cpu.copy_(tensor)
-        self.not_yet_back.append(copy)
+        self.saved.append(copy)
         self.bytes_saved += copy.cpu.nbytes
         return copy
 
@@ -187,6 +202,8 @@ class CPUOffload:
             self.bytes_going_out -= nbytes
 
     def unpack(self, copy):
+        if not copy.used:
+            self.taken.append(copy.index)
         if copy.on_device is None:
             self.copy_back(copy)
         else:
@@ -196,8 +213,9 @@ class CPUOffload:
         copy.on_device, copy.used = None, True
         if arrived is not None:
             torch.cuda.current_stream(tensor.device).wait_event(arrived)
-        # About one layer's share of what the forward saved, on its way back while this layer computes.
-        while self.not_yet_back and self.bytes_ahead < self.layer_share:
+        # The next tensors the backward will take, up to the largest one's bytes, on their way back while this one
+        # is used.
+        while self.not_yet_back and self.bytes_ahead < self.largest_saved:
             ahead = self.not_yet_back.pop()
             if not ahead.used and ahead.on_device is None:
                 self.copy_back(ahead)
@@ -218,8 +236,8 @@ class CPUOffload:
 
 
 class _CPUCopy:
-    def __init__(self, device, cpu):
-        self.device, self.cpu = device, cpu
+    def __init__(self, index, device, cpu):
+        self.index, self.device, self.cpu = index, device, cpu
         self.on_device = None  # (tensor, the copy stream's event after its copy back, or None) until unpacked
         self.used = False
 
