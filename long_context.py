@@ -170,7 +170,8 @@ class CPUOffload:
         self.let_go_of_copied_out(keep_bytes=0)
         self.layer_share = self.bytes_saved / self.num_layers
         self.largest_saved = max((copy.cpu.nbytes for copy in self.saved), default=0)
-        # Last needed first. The recorded order holds if this forward saved as many tensors as the recorded one.
+        # Taken from the end: the reverse of the order needed. The recorded order holds if this forward saved as
+        # many tensors as the recorded one.
         self.not_yet_back = list(self.saved)
         if self.backward_order is not None and len(self.backward_order) == len(self.saved):
             self.not_yet_back = [self.saved[index] for index in reversed(self.backward_order)]
