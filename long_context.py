@@ -146,7 +146,7 @@ class CPUOffload:
         self.backward_order = None  # the last whole backward's
         self.not_yet_back, self.came_back_ahead = [], []
         self.going_out = []  # (tensor, its bytes, the copy stream's event after its copy out), oldest first
-        self.bytes_saved = self.bytes_going_out = self.bytes_ahead = 0
+        self.bytes_going_out = self.bytes_ahead = 0
 
     def __getstate__(self):
         # A Trainer saves its arguments (training_args.bin), KeepAttentionOutputs and so this among them: no copies.
@@ -154,6 +154,16 @@ class CPUOffload:
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+    @contextlib.contextmanager
+    def saving_for_backward(self):
+        """Within it, what autograd saves for the backward goes through this offload (a forward's worth)."""
+        self.start_forward()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            self.end_forward()
 
     def start_forward(self):
         # Copied back ahead, and the last backward did not take them: their memory is the computation's once their
@@ -164,11 +174,11 @@ class CPUOffload:
         if self.saved and len(self.taken) == len(self.saved):
             self.backward_order = self.taken
         self.saved, self.taken, self.not_yet_back, self.came_back_ahead = [], [], [], []
-        self.bytes_saved = self.bytes_ahead = 0
+        self.bytes_ahead = 0
 
     def end_forward(self):
         self.let_go_of_copied_out(keep_bytes=0)
-        self.layer_share = self.bytes_saved / self.num_layers
+        self.layer_share = sum(copy.cpu.nbytes for copy in self.saved) / self.num_layers
         self.largest_saved = max((copy.cpu.nbytes for copy in self.saved), default=0)
         # Taken from the end: the reverse of the order needed. The recorded order holds if this forward saved as
         # many tensors as the recorded one.
@@ -191,7 +201,6 @@ class CPUOffload:
         else:
             copy.cpu.copy_(tensor)
         self.saved.append(copy)
-        self.bytes_saved += copy.cpu.nbytes
         return copy
 
     def let_go_of_copied_out(self, keep_bytes):
@@ -250,12 +259,8 @@ def offload_decoder_saved_tensors(decoder, offload):
     forward = decoder.forward
 
     def forward_with_saved_tensors_on_cpu(*args, **kwargs):
-        offload.start_forward()
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
-                return forward(*args, **kwargs)
-        finally:
-            offload.end_forward()
+        with offload.saving_for_backward():
+            return forward(*args, **kwargs)
 
     decoder.forward = forward_with_saved_tensors_on_cpu
 

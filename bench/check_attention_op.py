@@ -21,6 +21,7 @@ sample and on causal documents of mixed lengths:
 Prints one line per check and exits non-zero if one fails.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -166,14 +167,10 @@ def check_kept_outputs(kernel, case, key, x, weights):
         inputs = [t.detach().clone().requires_grad_() for t in (x, *weights)]
         counter = CountAttentionOps()
         kwargs = {} if context_fn is None else {"context_fn": context_fn}
+        # As offload_decoder_saved_tensors runs a decoder: with the offload, the layer's inputs go to CPU memory too.
+        offloaded = context_fn is not None and context_fn.offload is not None
         with counter:
-            if context_fn is not None and context_fn.offload is not None:
-                # As offload_decoder_saved_tensors runs a decoder: the layer's inputs go to CPU memory too.
-                offload.start_forward()
-                with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
-                    out = checkpoint(layer, *inputs, use_reentrant=False, **kwargs)
-                offload.end_forward()
-            else:
+            with offload.saving_for_backward() if offloaded else contextlib.nullcontext():
                 out = checkpoint(layer, *inputs, use_reentrant=False, **kwargs)
             out.float().square().sum().backward()
         results[name] = (counter.runs, [out.detach().float()] + [t.grad.float() for t in inputs])
